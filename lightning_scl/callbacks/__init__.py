@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin adapters from Lightning hooks to the pure-torch pieces."""
