@@ -1,0 +1,595 @@
+"""``SparseConnectivityLearning``: the Lightning adapter around :mod:`lightning_scl.masking`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lightning_scl.masking import (
+    GRANULARITIES,
+    NORMALIZATIONS,
+    STES,
+    ConnectivityMask,
+    inject_masks,
+    iter_masks,
+    normalize_mask_gradient_,
+    ste_derivative,
+)
+from lightning_scl.targets import DEFAULT_LAYER_TYPES, resolve_layer_types, select_layers, validate_patterns
+
+__all__ = ["REGULARIZERS", "SparseConnectivityLearning"]
+
+REGULARIZERS = ("connections", "flops")
+CHECKPOINT_KEY = "lightning_scl"
+_STATE_VERSION = 1
+_LAM_BOUNDS = (1e-6, 100.0)
+
+
+def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
+    """Every optimizer in whatever structure ``configure_optimizers`` returned (optimizer, list, dict, tuple...)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        return [obj]
+    if isinstance(obj, dict):
+        return [opt for value in obj.values() for opt in _optimizers_in(value)]
+    if isinstance(obj, (list, tuple)):
+        return [opt for value in obj for opt in _optimizers_in(value)]
+    return []
+
+
+def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{argument} must be a fraction of training in (0, 1) or an epoch number >= 1, got {value!r}")
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{argument} must be a float fraction of training in (0, 1) or an int epoch >= 1, got {value!r}"
+        )
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"{argument} as an epoch number must be >= 1, got {value!r}")
+
+
+class SparseConnectivityLearning(Callback):
+    """Learn which connections to keep: a trainable binary mask on every selected weight of any LightningModule.
+
+    Each selected weight becomes ``W * H(m)``; the mask variables ``m`` are trained by their own SGD optimizer
+    (the callback steps it, so the user's optimizer, its weight decay, its LR schedule and gradient clipping never
+    touch them). At every real optimizer step (after gradient accumulation and AMP unscaling) each output unit's
+    task gradient of ``m`` is normalized to statistic 1, then the connection-count regularizer adds ``lam`` per
+    connection (scaled by each connection's cost when ``regularizer="flops"``).
+
+    Args:
+        lam: pressure per connection of the regularizer ``lam * connections kept``. Default 0.1 when neither
+            ``lam`` nor ``target_density`` is given.
+        target_density: instead of a fixed ``lam``, the fraction of connections to keep at the end: a controller
+            moves ``lam`` so the density follows a schedule from 1 down to this value.
+        granularity: ``"weight"`` (a mask per connection) or ``"channel"`` (a mask per output unit/channel, which
+            makes the model physically smaller once exported with ``format="shrunk"``).
+        layer_types: layer class names to mask (``torch.nn`` names or dotted import paths).
+        include: glob (or ``re:`` regex) patterns of layer names to mask; default all layers of ``layer_types``.
+        exclude: patterns of layer names never to mask (e.g. ``["model.fc3"]`` to keep the classifier dense).
+        mask_init: initial mask value ``m0 > 0`` (all connections start on; larger = slower to prune).
+        ste: straight-through estimator: ``"identity"``, ``"leaky_relu"`` or ``"softplus"``.
+        ste_slope: proxy slope below the threshold for ``ste="leaky_relu"`` (must be > 0).
+        normalize: per-feature statistic the task gradient is divided by: ``"mean_abs"``, ``"l2"``,
+            ``"max_abs"`` or ``"none"``.
+        regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
+            per sample, scaled to mean 1; needs an example input).
+        mask_lr: learning rate of the mask optimizer (SGD).
+        mask_momentum: momentum of the mask optimizer.
+        freeze_masks_at: stop updating masks after this point (float: fraction of the total optimizer steps;
+            int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes.
+        ramp_end: with ``target_density``: fraction of training at which the density schedule reaches the target.
+        controller_gain: with ``target_density``: how fast ``lam`` reacts to the density error (per step, in log
+            space).
+        protect_pruned_weights: keep weight decay from shrinking weights whose mask is off, so they can revive.
+        min_density_per_layer: never let a layer keep fewer than this fraction of its mask variables.
+        log_every_n_steps: logging period in optimizer steps (default: the Trainer's ``log_every_n_steps``).
+        log_per_layer: also log ``scl/density/<layer>`` for every masked layer.
+
+    Example:
+        >>> import lightning.pytorch as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> scl = SparseConnectivityLearning(lam=0.5, mask_lr=0.05)
+        >>> trainer = L.Trainer(max_steps=20, callbacks=[scl], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(BoringModel())
+        >>> 0.0 < scl.density < 1.0
+        True
+    """
+
+    def __init__(
+        self,
+        lam: float | None = None,
+        target_density: float | None = None,
+        granularity: str = "weight",
+        layer_types: Sequence[str] = DEFAULT_LAYER_TYPES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        mask_init: float = 1.0,
+        ste: str = "identity",
+        ste_slope: float = 0.1,
+        normalize: str = "mean_abs",
+        regularizer: str = "connections",
+        mask_lr: float = 0.01,
+        mask_momentum: float = 0.9,
+        freeze_masks_at: float | int | None = None,
+        ramp_end: float = 0.5,
+        controller_gain: float = 0.05,
+        protect_pruned_weights: bool = True,
+        min_density_per_layer: float = 0.0,
+        log_every_n_steps: int | None = None,
+        log_per_layer: bool = False,
+    ) -> None:
+        super().__init__()
+        if lam is not None and target_density is not None:
+            raise ValueError(
+                "Give either lam (a fixed regularizer strength) or target_density (lam is then controlled), not both."
+            )
+        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0):
+            raise ValueError(f"lam must be a number >= 0 (0 disables the regularizer), got {lam!r}")
+        if target_density is not None and (
+            not isinstance(target_density, (int, float)) or not 0.0 < target_density <= 1.0
+        ):
+            raise ValueError(f"target_density must be in (0, 1] (fraction of connections kept), got {target_density!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
+        if ste not in STES:
+            raise ValueError(f"ste must be one of {list(STES)}, got {ste!r}")
+        if not ste_slope > 0:
+            raise ValueError(
+                f"ste_slope must be > 0, got {ste_slope!r}: the STE proxy gradient must be positive everywhere, "
+                "otherwise masks below the threshold move the wrong way or never revive."
+            )
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        if regularizer not in REGULARIZERS:
+            raise ValueError(f"regularizer must be one of {list(REGULARIZERS)}, got {regularizer!r}")
+        if not mask_init > 0:
+            raise ValueError(f"mask_init must be > 0 so that every connection starts switched on, got {mask_init!r}")
+        if not mask_lr > 0:
+            raise ValueError(f"mask_lr must be > 0, got {mask_lr!r}")
+        if not 0 <= mask_momentum < 1:
+            raise ValueError(f"mask_momentum must be in [0, 1), got {mask_momentum!r}")
+        _check_fraction_or_epoch(freeze_masks_at, "freeze_masks_at")
+        if not 0.0 < ramp_end <= 1.0:
+            raise ValueError(f"ramp_end must be a fraction of training in (0, 1], got {ramp_end!r}")
+        if not controller_gain > 0:
+            raise ValueError(f"controller_gain must be > 0, got {controller_gain!r}")
+        if not 0.0 <= min_density_per_layer < 1.0:
+            raise ValueError(f"min_density_per_layer must be in [0, 1), got {min_density_per_layer!r}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be a positive int or None, got {log_every_n_steps!r}")
+        resolve_layer_types(layer_types)  # fail at construction on unknown names
+        self.include = validate_patterns(include, "include")
+        self.exclude = validate_patterns(exclude, "exclude")
+        self.layer_types = (layer_types,) if isinstance(layer_types, str) else tuple(layer_types)
+
+        self.target_density = None if target_density is None else float(target_density)
+        self.lam = float(0.1 if lam is None and target_density is None else (lam or 0.0))
+        if self.target_density is not None:
+            self.lam = 0.01  # starting point for the controller; it grows as the schedule asks for sparsity
+        self.granularity = granularity
+        self.mask_init = float(mask_init)
+        self.ste = ste
+        self.ste_slope = float(ste_slope)
+        self.normalize = normalize
+        self.regularizer = regularizer
+        self.mask_lr = float(mask_lr)
+        self.mask_momentum = float(mask_momentum)
+        self.freeze_masks_at = freeze_masks_at
+        self.ramp_end = float(ramp_end)
+        self.controller_gain = float(controller_gain)
+        self.protect_pruned_weights = protect_pruned_weights
+        self.min_density_per_layer = float(min_density_per_layer)
+        self.log_every_n_steps = log_every_n_steps
+        self.log_per_layer = log_per_layer
+
+        self._masks: dict[str, ConnectivityMask] = {}
+        self._originals: dict[str, nn.Parameter] = {}
+        self._mask_optimizer: torch.optim.SGD | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._wrapped: dict[str, tuple[nn.Module, bool, Any]] = {}
+        self._reg_scales: dict[str, float] | None = None
+        self._frozen = False
+        self._weight_snapshot: list[tuple[torch.Tensor, torch.Tensor, ConnectivityMask]] | None = None
+        self._warned: set[str] = set()
+        self._last: dict[str, torch.Tensor] = {}
+        self.steps_skipped_nonfinite = 0
+
+    # ------------------------------------------------------------------ public state
+
+    @property
+    def masks(self) -> dict[str, ConnectivityMask]:
+        """The masks by layer name (empty before ``setup``)."""
+        return dict(self._masks)
+
+    @property
+    def density(self) -> float:
+        """Fraction of connections currently kept over all masked layers."""
+        kept, total = self._kept_and_total()
+        return float(kept) / max(total, 1)
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the masks have stopped updating (fine-tuning phase)."""
+        return self._frozen
+
+    def _kept_and_total(self) -> tuple[int, int]:
+        kept = sum(mask.kept() for mask in self._masks.values())
+        total = sum(mask.numel_connections for mask in self._masks.values())
+        return kept, total
+
+    # ------------------------------------------------------------------ injection
+
+    def _inject(self, pl_module: L.LightningModule) -> None:
+        layers = select_layers(pl_module, self.layer_types, self.include, self.exclude)
+        inject_masks(
+            pl_module, layers, granularity=self.granularity, init=self.mask_init, ste=self.ste, slope=self.ste_slope
+        )
+        self._masks, self._originals = {}, {}
+        for name, layer, mask in iter_masks(pl_module):
+            self._masks[name] = mask
+            self._originals[name] = layer.parametrizations.weight.original
+        self._check_consistent_masks()
+
+    def _check_consistent_masks(self) -> None:
+        for name, mask in self._masks.items():
+            if mask.granularity != self.granularity:
+                raise ValueError(
+                    f"Layer {name!r} already carries a {mask.granularity!r}-granularity mask but this callback uses "
+                    f"granularity={self.granularity!r}. Use the granularity the model was trained with."
+                )
+
+    def _wrap_method(self, pl_module: L.LightningModule, name: str, after: Any) -> None:
+        if name in self._wrapped:
+            return
+        original = getattr(pl_module, name)
+        had_instance_attr = name in vars(pl_module)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            return after(result)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]  # keeps is_overridden() truthful
+        setattr(pl_module, name, wrapper)
+        self._wrapped[name] = (pl_module, had_instance_attr, original)
+
+    def _unwrap_methods(self) -> None:
+        for name, (pl_module, had_instance_attr, original) in self._wrapped.items():
+            if had_instance_attr:
+                setattr(pl_module, name, original)
+            elif name in vars(pl_module):
+                delattr(pl_module, name)
+        self._wrapped.clear()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        try:
+            self._inject(pl_module)
+        except ValueError:
+            # Layers created in configure_model do not exist yet: inject right after it instead.
+            if not is_overridden("configure_model", pl_module):
+                raise
+        if is_overridden("configure_model", pl_module):
+
+            def after_configure_model(result: Any) -> Any:
+                self._inject(pl_module)
+                return result
+
+            self._wrap_method(pl_module, "configure_model", after_configure_model)
+        if stage == "fit":
+            self._wrap_method(pl_module, "configure_optimizers", self._remove_masks_from_user_optimizers)
+
+    def _remove_masks_from_user_optimizers(self, result: Any) -> Any:
+        mask_ids = {id(mask.mask) for mask in self._masks.values()}
+        for optimizer in _optimizers_in(result):
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in mask_ids]
+        return result
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._unwrap_methods()
+
+    # ------------------------------------------------------------------ fit start / resume
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._masks:
+            raise RuntimeError(
+                "SparseConnectivityLearning found no masks at fit start. If the model's layers are created outside "
+                "setup/configure_model, create them in LightningModule.__init__, setup or configure_model."
+            )
+        params = [mask.mask for mask in self._masks.values()]
+        self._mask_optimizer = torch.optim.SGD(params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0)
+        if self._pending_state is not None:
+            self._load_pending_state()
+        for optimizer in trainer.optimizers:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) in held for p in params):
+                self._remove_masks_from_user_optimizers(optimizer)
+                rank_zero_warn(
+                    "Mask variables were found in a user optimizer that bypassed configure_optimizers; removed them "
+                    "so only the mask optimizer updates them (no weight decay)."
+                )
+        if self.target_density is not None or self.freeze_masks_at is not None:
+            total = trainer.estimated_stepping_batches
+            if not math.isfinite(total) and (
+                self.target_density is not None or isinstance(self.freeze_masks_at, float)
+            ):
+                raise ValueError(
+                    "target_density and a fractional freeze_masks_at need a finite training length: set "
+                    "Trainer(max_epochs=...) or Trainer(max_steps=...), or give freeze_masks_at as an epoch number."
+                )
+        kept, total = self._kept_and_total()
+        rank_zero_info(
+            f"SparseConnectivityLearning: {len(self._masks)} masked layers, {total:,} connections "
+            f"({kept / max(total, 1):.2%} kept), granularity={self.granularity}, "
+            + (f"target_density={self.target_density}" if self.target_density is not None else f"lam={self.lam}")
+        )
+
+    def _load_pending_state(self) -> None:
+        state = self._pending_state or {}
+        self._pending_state = None
+        self.lam = float(state.get("lam", self.lam))
+        self._frozen = bool(state.get("frozen", False))
+        self.steps_skipped_nonfinite = int(state.get("steps_skipped_nonfinite", 0))
+        opt_state = state.get("mask_optimizer")
+        if opt_state is not None and self._mask_optimizer is not None:
+            n_saved = len(opt_state["param_groups"][0]["params"])
+            n_now = len(self._mask_optimizer.param_groups[0]["params"])
+            if n_saved != n_now:
+                raise ValueError(
+                    f"The checkpoint's mask optimizer holds {n_saved} masks but the model has {n_now}: the callback's "
+                    "layer selection (layer_types/include/exclude) differs from the run that wrote the checkpoint."
+                )
+            self._mask_optimizer.load_state_dict(opt_state)
+            for group in self._mask_optimizer.param_groups:  # the constructor arguments win over the checkpoint's
+                group["lr"] = self.mask_lr
+                group["momentum"] = self.mask_momentum
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "lam": float(self.lam),
+            "frozen": bool(self._frozen),
+            "steps_skipped_nonfinite": int(self.steps_skipped_nonfinite),
+            "mask_optimizer": None if self._mask_optimizer is None else self._mask_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+        if self._mask_optimizer is not None:  # loaded after fit start (e.g. by hand)
+            self._load_pending_state()
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        record["scl"] = {
+            "layers": list(self._masks),
+            "granularity": self.granularity,
+            "ste": self.ste,
+            "ste_slope": self.ste_slope,
+            "mask_init": self.mask_init,
+            "density": self.density,
+        }
+
+    # ------------------------------------------------------------------ schedule
+
+    def _progress(self, trainer: L.Trainer) -> float:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            return 0.0
+        return min(1.0, trainer.global_step / total)
+
+    def _should_freeze(self, trainer: L.Trainer) -> bool:
+        if self.freeze_masks_at is None:
+            return False
+        if isinstance(self.freeze_masks_at, float):
+            return self._progress(trainer) >= self.freeze_masks_at
+        return trainer.current_epoch >= self.freeze_masks_at
+
+    def scheduled_density(self, progress: float) -> float:
+        """Density the controller aims for at ``progress`` (fraction of training): cubic decay, then flat.
+
+        Example:
+            >>> scl = SparseConnectivityLearning(target_density=0.01, ramp_end=0.5)
+            >>> [round(scl.scheduled_density(p), 4) for p in (0.0, 0.25, 0.5, 1.0)]
+            [1.0, 0.1338, 0.01, 0.01]
+        """
+        assert self.target_density is not None
+        ramp = min(1.0, progress / self.ramp_end)
+        # Cubic in sparsity (Zhu & Gupta 2017): prune fast while the network is redundant, slowly near the target.
+        return self.target_density + (1.0 - self.target_density) * (1.0 - ramp) ** 3
+
+    # ------------------------------------------------------------------ regularizer scales
+
+    def _scales(self, pl_module: L.LightningModule) -> dict[str, float]:
+        """Per-layer pressure multiplier: 1 per connection, or the connection's MACs per sample (mean 1)."""
+        if self._reg_scales is not None:
+            return self._reg_scales
+        costs: dict[str, float] = {}
+        if self.regularizer == "flops":
+            macs = self._layer_macs(pl_module)
+            if macs is None:
+                return {name: float(mask.connections_per_variable) for name, mask in self._masks.items()}
+            for name, mask in self._masks.items():
+                per_connection = macs.get(name, 0) / mask.numel_connections
+                costs[name] = per_connection * mask.connections_per_variable
+        else:
+            costs = {name: float(mask.connections_per_variable) for name, mask in self._masks.items()}
+        n_vars = sum(mask.mask.numel() for mask in self._masks.values())
+        mean_cost = sum(costs[name] * mask.mask.numel() for name, mask in self._masks.items()) / max(n_vars, 1)
+        self._reg_scales = {name: cost / mean_cost if mean_cost > 0 else 1.0 for name, cost in costs.items()}
+        return self._reg_scales
+
+    def _layer_macs(self, pl_module: L.LightningModule) -> dict[str, int] | None:
+        accountant = getattr(self, "_accountant", None)
+        if accountant is None:
+            return None
+        return accountant.dense_macs_by_layer()
+
+    # ------------------------------------------------------------------ the step
+
+    def _gradient_scale(self, trainer: L.Trainer) -> float:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        # Lightning unscales only the user's optimizer; the masks live outside it.
+        return float(scaler.get_scale())
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._mask_optimizer is None:
+            return
+        params = [mask.mask for mask in self._masks.values()]
+        grads = [p.grad for p in params]
+        if all(g is None for g in grads):
+            return
+        if not self._frozen and self._should_freeze(trainer):
+            self._frozen = True
+            rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
+        if self._frozen:
+            self._mask_optimizer.zero_grad(set_to_none=True)
+            return
+        scale = self._gradient_scale(trainer)
+        present = [g for g in grads if g is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
+        if not bool(finite):
+            self.steps_skipped_nonfinite += 1
+            if "nonfinite" not in self._warned:
+                self._warned.add("nonfinite")
+                rank_zero_warn(
+                    "SparseConnectivityLearning: non-finite mask gradients; skipped the mask update for this step "
+                    "(masks and lambda unchanged). Further skips are counted in `steps_skipped_nonfinite`."
+                )
+            self._mask_optimizer.zero_grad(set_to_none=True)
+            return
+
+        scales = self._scales(pl_module)
+        kept_by_layer = {}
+        for name, mask in self._masks.items():
+            grad = mask.mask.grad
+            if grad is None:
+                grad = mask.mask.grad = torch.zeros_like(mask.mask)
+            elif scale != 1.0:
+                grad.div_(scale)
+            normalize_mask_gradient_(grad, mask.feature_dim, self.normalize, per_feature=self.granularity == "weight")
+            kept_by_layer[name] = mask.kept_tensor()
+        kept = torch.stack(list(kept_by_layer.values())).sum()
+        total = sum(mask.numel_connections for mask in self._masks.values())
+        density = kept.double() / total
+        if self.target_density is not None:
+            self._update_lambda(float(density), self._progress(trainer))
+        lam = self.lam
+        reg_value = 0.0
+        if lam > 0:
+            for name, mask in self._masks.items():
+                pressure = lam * scales[name]
+                proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
+                mask.mask.grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
+        self._mask_optimizer.step()
+        self._mask_optimizer.zero_grad(set_to_none=True)
+
+        if self.min_density_per_layer > 0:
+            self._apply_density_floor()
+        if self.protect_pruned_weights:
+            self._snapshot_pruned_weights(trainer)
+
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        collapsed = [name for name, k in kept_by_layer.items() if int(k) == 0]
+        for name in collapsed:
+            if f"collapse:{name}" not in self._warned:
+                self._warned.add(f"collapse:{name}")
+                rank_zero_warn(
+                    f"SparseConnectivityLearning: layer {name!r} has no connection left (density 0): the network "
+                    "output no longer depends on its input through it. Lower lam / raise target_density, exclude the "
+                    "layer, or set min_density_per_layer (e.g. 0.01)."
+                )
+        if step % every == 0 or step == 0:
+            reg_value = lam * sum(
+                scales[name] / self._masks[name].connections_per_variable * float(k)
+                for name, k in kept_by_layer.items()
+            )
+            self._log_step(pl_module, float(density), float(kept), reg_value, kept_by_layer)
+
+    def _update_lambda(self, density: float, progress: float) -> None:
+        goal = self.scheduled_density(progress)
+        error = math.log(max(density, 1e-12)) - math.log(goal)
+        lam = self.lam * math.exp(self.controller_gain * error)
+        self.lam = min(max(lam, _LAM_BOUNDS[0]), _LAM_BOUNDS[1])
+
+    def _apply_density_floor(self) -> None:
+        with torch.no_grad():
+            for mask in self._masks.values():
+                values = mask.mask.view(-1)
+                need = math.ceil(self.min_density_per_layer * values.numel())
+                if int((values > 0).sum()) >= need:
+                    continue
+                top = torch.topk(values, need).indices
+                values[top] = values[top].clamp_min(1e-3)
+
+    def _snapshot_pruned_weights(self, trainer: L.Trainer) -> None:
+        decayed = {
+            id(p)
+            for opt in trainer.optimizers
+            for g in opt.param_groups
+            if g.get("weight_decay", 0)
+            for p in g["params"]
+        }
+        snapshot = [
+            (original, original.detach().clone(), self._masks[name])
+            for name, original in self._originals.items()
+            if id(original) in decayed
+        ]
+        self._weight_snapshot = snapshot or None
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._weight_snapshot is None:
+            return
+        with torch.no_grad():
+            for original, before, mask in self._weight_snapshot:
+                original.copy_(torch.where(mask.gate().expand_as(original), original, before))
+        self._weight_snapshot = None
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_step(
+        self,
+        pl_module: L.LightningModule,
+        density: float,
+        kept: float,
+        reg_value: float,
+        kept_by_layer: dict[str, torch.Tensor],
+    ) -> None:
+        metrics = {
+            "scl/density": density,
+            "scl/connections": kept,
+            "scl/lambda": float(self.lam),
+            "scl/reg_loss": reg_value,
+        }
+        if self.log_per_layer:
+            for name, k in kept_by_layer.items():
+                metrics[f"scl/density/{name}"] = float(k) / self._masks[name].numel_connections
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("density", density, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._masks:
+            return
+        kept, total = self._kept_and_total()
+        pl_module.log_dict(
+            {"scl/density_epoch": kept / max(total, 1), "scl/connections_epoch": float(kept)},
+            on_step=False,
+            on_epoch=True,
+            batch_size=1,
+        )

@@ -1,0 +1,441 @@
+"""Learnable connectivity masks: the pure-torch core of Sparse Connectivity Learning (no Lightning import).
+
+Each selected weight becomes ``W_eff = W * H(m)`` where ``H(m) = 1[m > 0]`` is the unit step of a trainable mask
+variable ``m``. The step has no useful derivative, so the backward pass uses a straight-through estimator (STE)
+whose proxy derivative ``dH/dm`` is positive everywhere (a negative or zero proxy would push masks the wrong way
+or freeze them):
+
+========== ======================================
+``ste``    proxy derivative ``dH/dm``
+========== ======================================
+identity   ``1``
+leaky_relu ``1`` if ``m > 0`` else ``slope``
+softplus   ``sigmoid(m)``
+========== ======================================
+
+so the task gradient of a mask is ``dL/dm = dL/dW_eff * W * dH/dm``. The mask is registered with
+:mod:`torch.nn.utils.parametrize`, so ``module.weight`` keeps working everywhere (functional calls, ``torch.compile``,
+DDP) and the masks live in the module's ``state_dict`` next to the weights.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> masks = inject_masks(net, init=1.0)
+    >>> sorted(masks)
+    ['0', '2']
+    >>> with torch.no_grad():
+    ...     masks["0"].mask[0, :2] = -1.0  # switch off two connections of the first unit
+    >>> count_connections(net)
+    (16, 18)
+    >>> plain = fold_state_dict(net.state_dict())
+    >>> sorted(plain)
+    ['0.bias', '0.weight', '2.bias', '2.weight']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "GRANULARITIES",
+    "NORMALIZATIONS",
+    "STES",
+    "ConnectivityMask",
+    "count_connections",
+    "fold_state_dict",
+    "has_masks",
+    "inject_masks",
+    "iter_masks",
+    "masked_weight",
+    "normalize_mask_gradient_",
+    "ste_derivative",
+    "strip_masks",
+]
+
+STES = ("identity", "leaky_relu", "softplus")
+NORMALIZATIONS = ("mean_abs", "l2", "max_abs", "none")
+GRANULARITIES = ("weight", "channel")
+
+# Layer kinds whose output units/channels lie along dim 1 of the weight rather than dim 0.
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def ste_derivative(mask: torch.Tensor, ste: str, slope: float = 0.1) -> torch.Tensor | float:
+    """Proxy derivative ``dH/dm`` of the unit step used by the straight-through estimator.
+
+    Returns a Python float where the proxy is constant (identity), so callers can skip a multiplication.
+
+    Example:
+        >>> ste_derivative(torch.tensor([-2.0, 0.5]), "leaky_relu", slope=0.1)
+        tensor([0.1000, 1.0000])
+        >>> ste_derivative(torch.tensor([0.0]), "identity")
+        1.0
+    """
+    if ste == "identity":
+        return 1.0
+    if ste == "leaky_relu":
+        return torch.where(mask > 0, torch.ones_like(mask), torch.full_like(mask, slope))
+    if ste == "softplus":
+        return torch.sigmoid(mask)
+    raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W * H(m)`` with both gradients in one node: ``dW = g * H(m)``, ``dm = reduce(g * W) * dH/dm``.
+
+    One fused node instead of ``W * step_ste(m)`` saves an extra autograd node and a temporary per layer, and lets
+    channel masks reduce their gradient over the kernel without materializing a broadcast mask gradient first.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, ste: str, slope: float) -> torch.Tensor:  # type: ignore[override]
+        gate = (mask > 0).to(weight.dtype)
+        ctx.save_for_backward(weight, mask, gate)
+        ctx.ste = ste
+        ctx.slope = slope
+        return weight * gate
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        weight, mask, gate = ctx.saved_tensors
+        grad_weight = grad_out * gate if ctx.needs_input_grad[0] else None
+        grad_mask = None
+        if ctx.needs_input_grad[1]:
+            grad_mask = grad_out * weight
+            if grad_mask.shape != mask.shape:  # channel granularity: one mask per output unit
+                dims = [d for d in range(grad_mask.dim()) if mask.shape[d] == 1]
+                grad_mask = grad_mask.sum(dim=dims, keepdim=True)
+            proxy = ste_derivative(mask, ctx.ste, ctx.slope)
+            if not isinstance(proxy, float):
+                grad_mask = grad_mask * proxy
+            grad_mask = grad_mask.to(mask.dtype)
+        return grad_weight, grad_mask, None, None
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor, ste: str = "identity", slope: float = 0.1) -> torch.Tensor:
+    """Functional form of the mask: ``weight * H(mask)`` with the chosen straight-through estimator.
+
+    ``mask`` has the weight's shape (one variable per connection) or a shape broadcastable to it with size-1 dims
+    (one variable per output unit).
+
+    Example:
+        >>> w = torch.tensor([[1.0, -2.0]], requires_grad=True)
+        >>> m = torch.tensor([[0.5, -0.5]], requires_grad=True)
+        >>> out = masked_weight(w, m)
+        >>> out
+        tensor([[1., -0.]], grad_fn=<_MaskedWeightBackward>)
+        >>> out.sum().backward()
+        >>> m.grad, w.grad  # m.grad = dL/dW_eff * W; the switched-off weight gets no gradient
+        (tensor([[ 1., -2.]]), tensor([[1., 0.]]))
+    """
+    return _MaskedWeight.apply(weight, mask, ste, slope)
+
+
+class ConnectivityMask(nn.Module):
+    """Parametrization ``W -> W * H(m)`` holding the mask variable ``m`` (float32 whatever the weight's dtype).
+
+    Args:
+        weight_shape: shape of the weight it masks.
+        granularity: ``"weight"`` (one variable per connection) or ``"channel"`` (one per output unit/channel).
+        feature_dim: the weight dimension that indexes output units (0 for Linear/Conv, 1 for ConvTranspose).
+        init: initial mask value ``m0 > 0``: every connection starts switched on.
+        ste: straight-through estimator, one of :data:`STES`.
+        slope: proxy slope below the threshold for ``ste="leaky_relu"``.
+
+    Example:
+        >>> p = ConnectivityMask((3, 4), init=0.5)
+        >>> p(torch.ones(3, 4)).sum().item(), p.kept(), p.numel_connections
+        (12.0, 12, 12)
+    """
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...] | torch.Size,
+        granularity: str = "weight",
+        feature_dim: int = 0,
+        init: float = 1.0,
+        ste: str = "identity",
+        slope: float = 0.1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if ste not in STES:
+            raise ValueError(f"ste must be one of {STES}, got {ste!r}")
+        weight_shape = tuple(weight_shape)
+        self.weight_shape = weight_shape
+        self.granularity = granularity
+        self.feature_dim = feature_dim
+        self.ste = ste
+        self.slope = float(slope)
+        if granularity == "weight":
+            mask_shape = weight_shape
+        else:
+            mask_shape = tuple(n if d == feature_dim else 1 for d, n in enumerate(weight_shape))
+        self.mask = nn.Parameter(torch.full(mask_shape, float(init), dtype=torch.float32, device=device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _MaskedWeight.apply(weight, self.mask, self.ste, self.slope)
+
+    @property
+    def numel_connections(self) -> int:
+        """Number of connections (weight entries) this mask governs."""
+        return int(torch.Size(self.weight_shape).numel())
+
+    @property
+    def connections_per_variable(self) -> int:
+        """How many connections one mask variable switches (1, or the fan-in of a unit for channel masks)."""
+        return self.numel_connections // self.mask.numel()
+
+    def gate(self) -> torch.Tensor:
+        """Boolean ``H(m)`` in the mask's own shape."""
+        return self.mask.detach() > 0
+
+    def kept_tensor(self) -> torch.Tensor:
+        """Number of kept connections as a 0-dim tensor (no host synchronization)."""
+        return self.gate().sum() * self.connections_per_variable
+
+    def kept(self) -> int:
+        """Number of connections currently switched on."""
+        return int(self.kept_tensor().item())
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.mask.shape)}, granularity={self.granularity}, ste={self.ste}"
+
+
+def _feature_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, _TRANSPOSED) else 0
+
+
+def _connectivity_mask_of(module: nn.Module, tensor_name: str = "weight") -> ConnectivityMask | None:
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    for p in module.parametrizations[tensor_name]:
+        if isinstance(p, ConnectivityMask):
+            return p
+    return None
+
+
+def iter_masks(module: nn.Module) -> Iterator[tuple[str, nn.Module, ConnectivityMask]]:
+    """Yield ``(qualified_name, layer, mask)`` for every masked layer under ``module``.
+
+    A mask shared by tied weights is yielded once, under its first name.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> _ = inject_masks(net)
+        >>> [(name, isinstance(layer, nn.Linear)) for name, layer, _ in iter_masks(net)]
+        [('0', True)]
+    """
+    seen: set[int] = set()
+    for name, sub in module.named_modules():
+        mask = _connectivity_mask_of(sub)
+        if mask is not None and id(mask) not in seen:
+            seen.add(id(mask))
+            yield name, sub, mask
+
+
+def has_masks(module: nn.Module) -> bool:
+    """True when any layer under ``module`` carries a connectivity mask.
+
+    Example:
+        >>> has_masks(nn.Linear(2, 2))
+        False
+    """
+    return next(iter_masks(module), None) is not None
+
+
+def inject_masks(
+    module: nn.Module,
+    layers: list[tuple[str, nn.Module]] | None = None,
+    granularity: str = "weight",
+    init: float = 1.0,
+    ste: str = "identity",
+    slope: float = 0.1,
+) -> dict[str, ConnectivityMask]:
+    """Register a :class:`ConnectivityMask` on the ``weight`` of each layer; idempotent.
+
+    Args:
+        module: the root module (its names are used as keys).
+        layers: ``(qualified_name, layer)`` pairs to mask; default: every ``Linear`` and ``Conv*`` layer (see
+            :func:`lightning_scl.targets.select_layers` for type and name filters).
+        granularity, init, ste, slope: see :class:`ConnectivityMask`.
+
+    Returns:
+        All masks under ``module`` by layer name, those that existed before included. Layers that share one weight
+        tensor (tied weights) share one mask.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+        >>> sorted(inject_masks(net, layers=[("0", net[0])]))
+        ['0']
+    """
+    if layers is None:
+        from lightning_scl.targets import select_layers
+
+        layers = select_layers(module)
+    by_weight: dict[int, ConnectivityMask] = {}
+    for _, layer, mask in iter_masks(module):
+        by_weight[id(layer.parametrizations.weight.original)] = mask
+    for name, layer in layers:
+        if _connectivity_mask_of(layer) is not None:
+            continue  # already masked: setup runs again for validate/test/predict
+        weight = layer.weight
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"Layer {name!r} has an uninitialized (lazy) weight. Run one forward pass (or set "
+                "example_input_array) before masks are injected, or exclude the layer."
+            )
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(
+                f"Layer {name!r} already has another parametrization on 'weight' "
+                f"({[type(p).__name__ for p in layer.parametrizations.weight]}); exclude it from masking."
+            )
+        shared = by_weight.get(id(weight))
+        if shared is not None:
+            if shared.feature_dim != _feature_dim(layer):
+                raise ValueError(f"Layer {name!r} ties its weight to a layer of another kind; exclude one of them.")
+            mask_module = shared
+        else:
+            mask_module = ConnectivityMask(
+                weight.shape,
+                granularity=granularity,
+                feature_dim=_feature_dim(layer),
+                init=init,
+                ste=ste,
+                slope=slope,
+                device=weight.device,
+            )
+            by_weight[id(weight)] = mask_module
+        parametrize.register_parametrization(layer, "weight", mask_module)
+    return {name: mask for name, _, mask in iter_masks(module)}
+
+
+def strip_masks(module: nn.Module) -> nn.Module:
+    """Fold ``W * H(m)`` into plain weights and remove the masks, in place; returns ``module``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> _ = inject_masks(net)
+        >>> has_masks(strip_masks(net)), sorted(net.state_dict())
+        (False, ['0.bias', '0.weight'])
+    """
+    for name, layer in list(module.named_modules()):
+        if _connectivity_mask_of(layer) is None:
+            continue
+        if len(layer.parametrizations.weight) != 1:
+            raise ValueError(f"Layer {name!r} stacks other parametrizations on its weight; remove them first.")
+        with torch.no_grad():
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return module
+
+
+_ORIGINAL_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)parametrizations\.(?P<tensor>[^.]+)\.original$")
+
+
+def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn a masked model's ``state_dict`` into the plain one of the original model.
+
+    ``<layer>.parametrizations.weight.original`` and ``<layer>.parametrizations.weight.0.mask`` become
+    ``<layer>.weight = original * (mask > 0)``; every other entry is kept as it is. Works on a checkpoint's
+    ``state_dict`` without building the model.
+
+    Example:
+        >>> sd = {"fc.parametrizations.weight.original": torch.tensor([[1.0, 2.0]]),
+        ...       "fc.parametrizations.weight.0.mask": torch.tensor([[1.0, -1.0]]), "fc.bias": torch.zeros(1)}
+        >>> fold_state_dict(sd)
+        {'fc.weight': tensor([[1., 0.]]), 'fc.bias': tensor([0.])}
+    """
+    out: dict[str, torch.Tensor] = {}
+    mask_keys: set[str] = set()
+    for key, value in state_dict.items():
+        match = _ORIGINAL_KEY.match(key)
+        if match is None:
+            continue
+        prefix, tensor = match["prefix"], match["tensor"]
+        mask_key = f"{prefix}parametrizations.{tensor}.0.mask"
+        if mask_key not in state_dict:
+            raise KeyError(f"{key!r} has no mask entry {mask_key!r}: not a lightning_scl masked state_dict")
+        mask_keys.add(mask_key)
+        gate = state_dict[mask_key] > 0
+        out[f"{prefix}{tensor}"] = value * gate.to(value.dtype)
+    for key, value in state_dict.items():
+        if key in mask_keys or _ORIGINAL_KEY.match(key):
+            continue
+        out[key] = value
+    # Preserve the original key order of a plain model: folded weights sit where their layer's entries sit.
+    order = {k: i for i, k in enumerate(_plain_key(k) for k in state_dict if k not in mask_keys)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _plain_key(key: str) -> str:
+    match = _ORIGINAL_KEY.match(key)
+    return f"{match['prefix']}{match['tensor']}" if match else key
+
+
+def count_connections(module: nn.Module) -> tuple[int, int]:
+    """``(kept, total)`` connections over all masked layers of ``module``.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> _ = inject_masks(net, layers=[("", net)])
+        >>> count_connections(net)
+        (6, 6)
+    """
+    kept, total = 0, 0
+    for _, _, mask in iter_masks(module):
+        kept += mask.kept()
+        total += mask.numel_connections
+    return kept, total
+
+
+def _feature_rows(grad: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    return grad.movedim(feature_dim, 0).reshape(grad.shape[feature_dim], -1)
+
+
+def normalize_mask_gradient_(
+    grad: torch.Tensor, feature_dim: int, statistic: str = "mean_abs", per_feature: bool = True
+) -> torch.Tensor:
+    """Divide each output unit's mask gradient by its statistic, in place, so that statistic becomes 1.
+
+    Args:
+        grad: the mask's task gradient.
+        feature_dim: the dimension indexing output units.
+        statistic: ``"mean_abs"``, ``"l2"`` (root mean square), ``"max_abs"`` or ``"none"``.
+        per_feature: False normalizes the whole tensor by one statistic (channel masks hold one value per unit,
+            so there the "feature" is the layer).
+
+    Rows whose gradient is all zero stay zero.
+
+    Example:
+        >>> g = torch.tensor([[1.0, -3.0], [0.5, 0.5]])
+        >>> normalize_mask_gradient_(g, feature_dim=0)
+        tensor([[ 0.5000, -1.5000],
+                [ 1.0000,  1.0000]])
+    """
+    if statistic == "none":
+        return grad
+    rows = _feature_rows(grad, feature_dim) if per_feature else grad.reshape(1, -1)
+    if statistic == "mean_abs":
+        stat = rows.abs().mean(dim=1)
+    elif statistic == "l2":
+        stat = rows.square().mean(dim=1).sqrt()
+    elif statistic == "max_abs":
+        stat = rows.abs().amax(dim=1)
+    else:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {statistic!r}")
+    scale = 1.0 / stat.clamp_min(torch.finfo(stat.dtype).tiny)
+    if per_feature:
+        shape = [1] * grad.dim()
+        shape[feature_dim] = -1
+        grad.mul_(scale.view(shape))
+    else:
+        grad.mul_(scale)
+    return grad
