@@ -401,8 +401,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 class ImageClassifier(L.LightningModule):
     """Generic image classifier: cross-entropy, SGD or Adam, cosine or step schedule, torchmetrics accuracy.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (progress bar), ``test/loss``, ``test/acc``.
-    ``configure_optimizers`` covers ``self.parameters()`` with one weight decay for all; plugins that add
+    Logs epoch means ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (progress bar), ``test/loss`` and
+    ``test/acc``. ``configure_optimizers`` covers ``self.parameters()`` with one weight decay for all; plugins that add
     parameters (SCL masks) move them into their own group.
 
     Args:
@@ -466,8 +466,9 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.train_acc.update(logits.detach(), y)
+        # epoch means under plain names (on_step and on_epoch together would log "_step"/"_epoch" variants)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 

@@ -314,6 +314,35 @@ def test_real_cifar_missing_gives_actionable_error(tmp_path: Path) -> None:
         CIFAR100DataModule(data_dir=str(tmp_path), download=False).setup("fit")
 
 
+def test_real_cifar_format_is_split_and_augmented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # files in the CIFAR-10 pickle format with 10 random images each; md5 checks replaced by existence checks
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": torch.randint(0, 256, (10, 3072), generator=gen, dtype=torch.uint8).numpy()}
+        batch["labels"] = torch.randint(0, 10, (10,), generator=gen).tolist()
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+    def exists(path: str, md5: str | None = None) -> bool:
+        return os.path.isfile(path)
+
+    monkeypatch.setattr("lightning_scl.data.check_integrity", exists)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", exists)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10, batch_size=40, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.data_name == "CIFAR10" and len(dm.train_set) == 40 and len(dm.val_set) == 10 and len(dm.test_set) == 10
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (40, 3, 32, 32) and y.shape == (40,)
+    # validation images are not augmented: they equal the normalized stored pixels
+    image, _ = dm.val_set[0]
+    raw = torch.as_tensor(dm.val_set.dataset.data[int(dm.val_indices[0])]).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
+    assert torch.allclose(image, (raw - mean) / std, atol=1e-6)
+
+
 def test_synthetic_imagenet_batches() -> None:
     dm = ImageNetDataModule(synthetic=True, synthetic_size=16, image_size=48, batch_size=4, num_workers=0)
     dm.setup("fit")

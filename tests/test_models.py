@@ -153,7 +153,8 @@ def test_classifier_trains_on_synthetic_cifar() -> None:
     assert model.example_input_array.shape == (1, 3, 32, 32)
     trainer = _trainer()
     trainer.fit(model, datamodule=dm)
-    assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert not any(k.endswith(("_step", "_epoch")) for k in trainer.callback_metrics)  # one plain name each
     trainer.test(model, datamodule=dm, verbose=False)
     assert {"test/loss", "test/acc"} <= set(trainer.callback_metrics)
     logits = trainer.predict(model, datamodule=dm)
