@@ -346,7 +346,7 @@ class _LeafTracer(fx.Tracer):
 
 def _count_child_calls(parent: nn.Module) -> dict[str, int] | None:
     """How often ``parent.forward`` calls each direct child, or None when torch.fx cannot trace it."""
-    if type(parent) is nn.Sequential:
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
         return dict.fromkeys(parent._modules, 1)
     # Tracing runs forward with proxies; undo attribute assignments a forward may make (caches of activations).
     saved = dict(parent.__dict__)
