@@ -223,10 +223,10 @@ def _connectivity_mask_of(module: nn.Module, tensor_name: str = "weight") -> Con
     return None
 
 
-def iter_masks(module: nn.Module) -> Iterator[tuple[str, nn.Module, ConnectivityMask]]:
+def iter_masks(module: nn.Module, unique: bool = True) -> Iterator[tuple[str, nn.Module, ConnectivityMask]]:
     """Yield ``(qualified_name, layer, mask)`` for every masked layer under ``module``.
 
-    A mask shared by tied weights is yielded once, under its first name.
+    With ``unique`` (default) a mask shared by tied weights is yielded once, under its first name.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
@@ -237,7 +237,7 @@ def iter_masks(module: nn.Module) -> Iterator[tuple[str, nn.Module, Connectivity
     seen: set[int] = set()
     for name, sub in module.named_modules():
         mask = _connectivity_mask_of(sub)
-        if mask is not None and id(mask) not in seen:
+        if mask is not None and not (unique and id(mask) in seen):
             seen.add(id(mask))
             yield name, sub, mask
 
@@ -315,7 +315,7 @@ def inject_masks(
             )
             by_weight[id(weight)] = mask_module
         parametrize.register_parametrization(layer, "weight", mask_module)
-    return {name: mask for name, _, mask in iter_masks(module)}
+    return {name: mask for name, _, mask in iter_masks(module, unique=False)}
 
 
 def strip_masks(module: nn.Module) -> nn.Module:
@@ -353,7 +353,7 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         >>> fold_state_dict(sd)
         {'fc.weight': tensor([[1., 0.]]), 'fc.bias': tensor([0.])}
     """
-    out: dict[str, torch.Tensor] = {}
+    folded: dict[str, tuple[str, torch.Tensor]] = {}  # layer prefix -> (plain key, folded tensor)
     mask_keys: set[str] = set()
     for key, value in state_dict.items():
         match = _ORIGINAL_KEY.match(key)
@@ -365,19 +365,17 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             raise KeyError(f"{key!r} has no mask entry {mask_key!r}: not a lightning_scl masked state_dict")
         mask_keys.add(mask_key)
         gate = state_dict[mask_key] > 0
-        out[f"{prefix}{tensor}"] = value * gate.to(value.dtype)
+        folded[prefix] = (f"{prefix}{tensor}", value * gate.to(value.dtype))
+    # A plain module lists its weight before its bias: emit each folded weight where its layer's keys start.
+    out: dict[str, torch.Tensor] = {}
+    pending = dict(folded)
     for key, value in state_dict.items():
-        if key in mask_keys or _ORIGINAL_KEY.match(key):
-            continue
-        out[key] = value
-    # Preserve the original key order of a plain model: folded weights sit where their layer's entries sit.
-    order = {k: i for i, k in enumerate(_plain_key(k) for k in state_dict if k not in mask_keys)}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-
-def _plain_key(key: str) -> str:
-    match = _ORIGINAL_KEY.match(key)
-    return f"{match['prefix']}{match['tensor']}" if match else key
+        for prefix in [p for p in pending if key.startswith(p)]:
+            plain_key, tensor = pending.pop(prefix)
+            out[plain_key] = tensor
+        if key not in mask_keys and not _ORIGINAL_KEY.match(key):
+            out[key] = value
+    return out
 
 
 def count_connections(module: nn.Module) -> tuple[int, int]:

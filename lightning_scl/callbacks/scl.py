@@ -88,8 +88,9 @@ class SparseConnectivityLearning(Callback):
         freeze_masks_at: stop updating masks after this point (float: fraction of the total optimizer steps;
             int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes.
         ramp_end: with ``target_density``: fraction of training at which the density schedule reaches the target.
-        controller_gain: with ``target_density``: how fast ``lam`` reacts to the density error (per step, in log
-            space).
+        controller_gain: with ``target_density``: how strongly ``lam`` reacts to the log-density error, per run
+            (over the whole training ``lam`` may move by ``exp(controller_gain * error)``), so the same value works
+            for short and long runs.
         protect_pruned_weights: keep weight decay from shrinking weights whose mask is off, so they can revive.
         min_density_per_layer: never let a layer keep fewer than this fraction of its mask variables.
         log_every_n_steps: logging period in optimizer steps (default: the Trainer's ``log_every_n_steps``).
@@ -123,7 +124,7 @@ class SparseConnectivityLearning(Callback):
         mask_momentum: float = 0.9,
         freeze_masks_at: float | int | None = None,
         ramp_end: float = 0.5,
-        controller_gain: float = 0.05,
+        controller_gain: float = 100.0,
         protect_pruned_weights: bool = True,
         min_density_per_layer: float = 0.0,
         log_every_n_steps: int | None = None,
@@ -204,6 +205,8 @@ class SparseConnectivityLearning(Callback):
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
         self.steps_skipped_nonfinite = 0
+        self._trend = 0.0  # smoothed change of log density per step (controller's derivative term)
+        self._prev_log_density: float | None = None
 
     # ------------------------------------------------------------------ public state
 
@@ -338,6 +341,8 @@ class SparseConnectivityLearning(Callback):
         state = self._pending_state or {}
         self._pending_state = None
         self.lam = float(state.get("lam", self.lam))
+        self._trend = float(state.get("trend", 0.0))
+        self._prev_log_density = state.get("prev_log_density")
         self._frozen = bool(state.get("frozen", False))
         self.steps_skipped_nonfinite = int(state.get("steps_skipped_nonfinite", 0))
         opt_state = state.get("mask_optimizer")
@@ -358,6 +363,8 @@ class SparseConnectivityLearning(Callback):
         return {
             "version": _STATE_VERSION,
             "lam": float(self.lam),
+            "trend": float(self._trend),
+            "prev_log_density": self._prev_log_density,
             "frozen": bool(self._frozen),
             "steps_skipped_nonfinite": int(self.steps_skipped_nonfinite),
             "mask_optimizer": None if self._mask_optimizer is None else self._mask_optimizer.state_dict(),
@@ -486,7 +493,7 @@ class SparseConnectivityLearning(Callback):
         total = sum(mask.numel_connections for mask in self._masks.values())
         density = kept.double() / total
         if self.target_density is not None:
-            self._update_lambda(float(density), self._progress(trainer))
+            self._update_lambda(float(density), self._progress(trainer), trainer.estimated_stepping_batches)
         lam = self.lam
         reg_value = 0.0
         if lam > 0:
@@ -520,10 +527,22 @@ class SparseConnectivityLearning(Callback):
             )
             self._log_step(pl_module, float(density), float(kept), reg_value, kept_by_layer)
 
-    def _update_lambda(self, density: float, progress: float) -> None:
-        goal = self.scheduled_density(progress)
-        error = math.log(max(density, 1e-12)) - math.log(goal)
-        lam = self.lam * math.exp(self.controller_gain * error)
+    def _update_lambda(self, density: float, progress: float, total_steps: float) -> None:
+        """Multiplicative control of ``lam`` on the log-density error, looking ahead along the recent trend.
+
+        Masks start far above the threshold, so density reacts to ``lam`` with a long delay and then falls in a
+        cascade; acting on the density predicted a short horizon ahead (the derivative term) stops ``lam`` from
+        winding up during the delay and overshooting once the cascade starts.
+        """
+        log_density = math.log(max(density, 1e-12))
+        if self._prev_log_density is not None:
+            self._trend = 0.98 * self._trend + 0.02 * (log_density - self._prev_log_density)
+        self._prev_log_density = log_density
+        horizon = max(1.0, 0.05 * total_steps)
+        goal = self.scheduled_density(min(1.0, progress + horizon / total_steps))
+        error = log_density + horizon * self._trend - math.log(goal)
+        # The gain is per run, not per step: lam may move by exp(controller_gain * error) over the whole training.
+        lam = self.lam * math.exp(self.controller_gain * error / total_steps)
         self.lam = min(max(lam, _LAM_BOUNDS[0]), _LAM_BOUNDS[1])
 
     def _apply_density_floor(self) -> None:

@@ -1,0 +1,210 @@
+"""Mask math: STE gradients, gating, normalization, injection, folding (pure torch)."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_scl.masking import (
+    ConnectivityMask,
+    count_connections,
+    fold_state_dict,
+    has_masks,
+    inject_masks,
+    iter_masks,
+    masked_weight,
+    normalize_mask_gradient_,
+    strip_masks,
+)
+from lightning_scl.targets import select_layers
+
+
+def _grads(ste: str, slope: float = 0.1):
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, requires_grad=True)
+    m = torch.randn(5, 7, requires_grad=True)
+    upstream = torch.randn(5, 7)
+    out = masked_weight(w, m, ste=ste, slope=slope)
+    out.backward(upstream)
+    return w, m, upstream
+
+
+def test_forward_is_weight_times_unit_step():
+    w = torch.tensor([[1.0, 2.0, 3.0]])
+    m = torch.tensor([[0.5, 0.0, -0.1]])
+    assert torch.equal(masked_weight(w, m), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize(
+    ("ste", "proxy"),
+    [
+        ("identity", lambda m: torch.ones_like(m)),
+        ("leaky_relu", lambda m: torch.where(m > 0, torch.ones_like(m), torch.full_like(m, 0.1))),
+        ("softplus", torch.sigmoid),
+    ],
+)
+def test_ste_gradient_matches_formula(ste, proxy):
+    w, m, upstream = _grads(ste)
+    expected = upstream * w.detach() * proxy(m.detach())
+    torch.testing.assert_close(m.grad, expected)
+
+
+def test_identity_ste_mask_gradient_is_grad_times_weight():
+    w, m, upstream = _grads("identity")
+    assert torch.equal(m.grad, upstream * w.detach())
+
+
+def test_switched_off_weights_get_no_task_gradient():
+    w, m, upstream = _grads("identity")
+    off = m.detach() <= 0
+    assert off.any() and (~off).any()
+    assert torch.all(w.grad[off] == 0)
+    assert torch.equal(w.grad[~off], upstream[~off])
+
+
+def test_channel_mask_gradient_sums_over_fan_in():
+    torch.manual_seed(1)
+    w = torch.randn(4, 3, 2, 2, requires_grad=True)
+    m = torch.tensor([1.0, -1.0, 2.0, 0.5]).view(4, 1, 1, 1).requires_grad_()
+    upstream = torch.randn(4, 3, 2, 2)
+    masked_weight(w, m).backward(upstream)
+    expected = (upstream * w.detach()).sum(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(m.grad, expected)
+    assert torch.all(w.grad[1] == 0)
+
+
+@pytest.mark.parametrize("statistic", ["mean_abs", "l2", "max_abs"])
+@pytest.mark.parametrize("feature_dim", [0, 1])
+def test_normalization_gives_statistic_one_per_feature(statistic, feature_dim):
+    torch.manual_seed(2)
+    grad = (torch.randn(6, 5, 3) * torch.logspace(-6, 3, 6).view(6, 1, 1)).movedim(0, feature_dim).contiguous()
+    normalize_mask_gradient_(grad, feature_dim=feature_dim, statistic=statistic)
+    rows = grad.movedim(feature_dim, 0).reshape(grad.shape[feature_dim], -1)
+    stat = {
+        "mean_abs": rows.abs().mean(1),
+        "l2": rows.square().mean(1).sqrt(),
+        "max_abs": rows.abs().amax(1),
+    }[statistic]
+    torch.testing.assert_close(stat, torch.ones_like(stat))
+
+
+def test_normalization_keeps_zero_rows_zero_and_none_is_identity():
+    grad = torch.tensor([[0.0, 0.0], [2.0, -2.0]])
+    normalize_mask_gradient_(grad, 0)
+    assert torch.equal(grad, torch.tensor([[0.0, 0.0], [1.0, -1.0]]))
+    before = torch.tensor([[3.0, 4.0]])
+    assert torch.equal(normalize_mask_gradient_(before.clone(), 0, "none"), before)
+
+
+def test_normalization_whole_layer_for_channel_masks():
+    grad = torch.tensor([1.0, 3.0]).view(2, 1)
+    normalize_mask_gradient_(grad, 0, "mean_abs", per_feature=False)
+    assert torch.equal(grad.view(-1), torch.tensor([0.5, 1.5]))
+
+
+def test_inject_is_idempotent_and_masks_live_in_state_dict():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    first = inject_masks(net)
+    second = inject_masks(net)
+    assert list(first) == ["0", "3"] and all(first[k] is second[k] for k in first)
+    keys = set(net.state_dict())
+    assert "0.parametrizations.weight.original" in keys and "0.parametrizations.weight.0.mask" in keys
+    assert "3.bias" in keys
+    assert has_masks(net)
+
+
+def test_biases_and_norm_layers_are_never_masked():
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.LayerNorm([3, 2, 2]), nn.Embedding(3, 2))
+    inject_masks(net)
+    assert [name for name, _, _ in iter_masks(net)] == ["0"]
+    assert not any("bias" in k and "mask" in k for k in net.state_dict())
+
+
+def test_shared_module_and_tied_weights_get_one_mask():
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    masks = inject_masks(net)
+    assert list(masks) == ["0"]
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    tied = nn.Sequential(a, b)
+    masks = inject_masks(tied)
+    assert masks["0"] is masks["1"]
+    assert len([p for p in tied.parameters() if p.dim() == 2]) == 2  # one weight + one mask
+
+
+def test_fold_state_dict_matches_masked_outputs_and_original_keys():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    plain_keys = list(net.state_dict())
+    masks = inject_masks(net)
+    with torch.no_grad():
+        for mask in masks.values():
+            mask.mask.copy_(torch.randn_like(mask.mask))
+    x = torch.randn(4, 6)
+    expected = net(x)
+    folded = fold_state_dict(net.state_dict())
+    assert list(folded) == plain_keys
+    fresh = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    fresh.load_state_dict(folded, strict=True)
+    assert torch.equal(fresh(x), expected)
+
+
+def test_strip_masks_folds_in_place():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 3))
+    masks = inject_masks(net)
+    with torch.no_grad():
+        masks["0"].mask[0] = -1
+    x = torch.randn(2, 3)
+    expected = net(x)
+    strip_masks(net)
+    assert not has_masks(net) and isinstance(net[0].weight, nn.Parameter)
+    assert torch.equal(net(x), expected)
+    assert torch.all(net[0].weight[0] == 0)
+
+
+def test_count_connections_weight_and_channel():
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4, 3))
+    masks = inject_masks(net, granularity="channel")
+    with torch.no_grad():
+        masks["0"].mask[1] = -1.0
+    assert masks["0"].mask.shape == (4, 1, 1, 1)
+    assert count_connections(net) == (3 * 18 + 12, 4 * 18 + 12)
+
+
+def test_transposed_conv_features_on_dim_one():
+    net = nn.Sequential(nn.ConvTranspose2d(3, 5, 2))
+    masks = inject_masks(net, granularity="channel")
+    assert masks["0"].feature_dim == 1 and masks["0"].mask.shape == (1, 5, 1, 1)
+
+
+def test_masks_stay_float32_and_bf16_weight_forward():
+    layer = nn.Linear(3, 2).to(torch.bfloat16)
+    p = ConnectivityMask(layer.weight.shape)
+    assert p.mask.dtype == torch.float32
+    assert p(layer.weight).dtype == torch.bfloat16
+
+
+def test_select_layers_errors_list_candidates():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ValueError, match=r"matches no maskable layer.*Candidates: \['0'\]"):
+        select_layers(net, include=("fc*",))
+    with pytest.raises(ValueError, match="No layer selected"):
+        select_layers(net, exclude=("*",))
+    with pytest.raises(ValueError, match=r"not a torch\.nn layer class"):
+        select_layers(net, layer_types=("Linearr",))
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        select_layers(net, include=("re:[",))
+
+
+def test_select_layers_type_and_regex_filters():
+    net = nn.Sequential(nn.Conv1d(1, 2, 1), nn.Linear(2, 2), nn.Linear(2, 2))
+    assert [n for n, _ in select_layers(net, layer_types=("Conv1d",))] == ["0"]
+    assert [n for n, _ in select_layers(net, include=("re:^[12]$",), exclude=("2",))] == ["1"]
+    assert [n for n, _ in select_layers(net, layer_types=("torch.nn.Linear",))] == ["1", "2"]
+
+
+def test_lazy_layer_is_a_clear_error():
+    net = nn.Sequential(nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="uninitialized"):
+        inject_masks(net, layers=[("0", net[0])])

@@ -1,0 +1,442 @@
+"""SparseConnectivityLearning through a real Trainer: optimizer groups, the step, schedules, logging, checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from tests.conftest import MLP, loader, quiet_trainer
+
+
+def masks_of(scl: SparseConnectivityLearning) -> dict[str, torch.Tensor]:
+    return {name: mask.mask.detach().clone() for name, mask in scl.masks.items()}
+
+
+def fit(model, callbacks, data=None, **trainer_kwargs):
+    trainer_kwargs.setdefault("max_epochs", 1)
+    trainer = quiet_trainer(callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(model, data if data is not None else loader())
+    return trainer
+
+
+class GradSpy(SparseConnectivityLearning):
+    """Records the mask gradients the mask optimizer is about to apply."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.seen: list[dict[str, torch.Tensor]] = []
+        step = self._mask_optimizer.step
+
+        def spy_step(*args, **kwargs):
+            self.seen.append({name: m.mask.grad.clone() for name, m in self.masks.items()})
+            return step(*args, **kwargs)
+
+        self._mask_optimizer.step = spy_step
+
+
+class ZeroTaskLoss(MLP):
+    def training_step(self, batch, batch_idx):
+        return (self(batch[0]) * 0.0).sum()
+
+
+def test_masks_get_their_own_optimizer_without_weight_decay():
+    torch.manual_seed(0)
+    model = MLP(weight_decay=5e-4)
+    scl = SparseConnectivityLearning(lam=0.1)
+    trainer = fit(model, [scl], max_steps=2)
+    mask_ids = {id(m.mask) for m in scl.masks.values()}
+    user_params = [p for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    assert len(mask_ids) == 3
+    assert not mask_ids & {id(p) for p in user_params}
+    assert {id(p) for p in model.parameters()} - mask_ids == {id(p) for p in user_params}
+    (group,) = scl._mask_optimizer.param_groups
+    assert group["weight_decay"] == 0 and {id(p) for p in group["params"]} == mask_ids
+    assert group["lr"] == scl.mask_lr and group["momentum"] == scl.mask_momentum
+
+
+def test_zero_task_loss_gives_mask_gradient_lam():
+    torch.manual_seed(0)
+    scl = GradSpy(lam=0.5, mask_lr=0.01, mask_momentum=0.9)
+    fit(ZeroTaskLoss(), [scl], max_steps=1)
+    (grads,) = scl.seen
+    for grad in grads.values():
+        assert torch.equal(grad, torch.full_like(grad, 0.5))
+    for mask in masks_of(scl).values():  # first SGD step: m = m0 - lr * lam
+        torch.testing.assert_close(mask, torch.full_like(mask, 1.0 - 0.01 * 0.5))
+
+
+def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
+    torch.manual_seed(0)
+    scl = GradSpy(lam=0.0)
+    fit(MLP(), [scl], max_steps=1)
+    for grad in scl.seen[0].values():
+        stat = grad.abs().mean(dim=1)
+        alive = stat > 0  # units whose ReLU was inactive on the whole batch have no gradient at all
+        assert alive.float().mean() > 0.5
+        torch.testing.assert_close(stat[alive], torch.ones_like(stat[alive]))
+
+
+def test_density_falls_monotonically_as_lam_rises():
+    densities = []
+    for lam in (0.02, 0.2, 1.0):
+        torch.manual_seed(0)
+        scl = SparseConnectivityLearning(lam=lam, mask_lr=0.05)
+        fit(MLP(), [scl], max_epochs=6)
+        densities.append(scl.density)
+    assert densities[0] > densities[1] > densities[2]
+    assert densities[0] < 1.0
+
+
+def test_lam_zero_large_init_reproduces_dense_training_exactly():
+    runs = []
+    for callbacks in ([], [SparseConnectivityLearning(lam=0.0, mask_init=1e6)]):
+        L.seed_everything(0)
+        model = MLP(weight_decay=5e-4)
+        fit(model, callbacks, data=loader(shuffle=True), max_epochs=2)
+        runs.append(model)
+    dense, scl = runs
+    assert len(dense.losses) == 16
+    assert dense.losses == scl.losses
+    assert torch.equal(dense.head.weight, scl.head.weight)
+
+
+def test_gradient_accumulation_matches_large_batch():
+    results = []
+    for batch_size, accumulate in ((32, 1), (8, 4)):
+        torch.manual_seed(0)
+        scl = SparseConnectivityLearning(lam=0.3, mask_lr=0.05)
+        model = MLP()
+        fit(model, [scl], data=loader(batch_size=batch_size), max_steps=2, accumulate_grad_batches=accumulate)
+        results.append((masks_of(scl), model.head.weight.detach().clone()))
+    (masks_a, w_a), (masks_b, w_b) = results
+    for name in masks_a:
+        torch.testing.assert_close(masks_a[name], masks_b[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_a, w_b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_mixed_trains_and_masks_stay_float32():
+    torch.manual_seed(0)
+    model = MLP()
+    scl = SparseConnectivityLearning(lam=0.5, mask_lr=0.05)
+    fit(model, [scl], max_epochs=3, precision="bf16-mixed")
+    assert all(m.mask.dtype == torch.float32 for m in scl.masks.values())
+    assert scl.density < 1.0
+    assert all(torch.isfinite(torch.tensor(model.losses)))
+
+
+def test_gradient_clipping_excludes_mask_gradients():
+    """Clipping by norm sees only the user's parameters: masks are stepped (and their gradients cleared) before."""
+    runs = []
+    for callbacks in ([], [SparseConnectivityLearning(lam=0.0, mask_init=1e6)]):
+        torch.manual_seed(0)
+        model = MLP()
+        fit(model, callbacks, max_steps=3, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+        runs.append(model)
+    torch.testing.assert_close(runs[0].head.weight, runs[1].head.weight, rtol=0, atol=0)
+    masks = []  # the first mask update does not depend on clipping (later ones see clipped weight updates)
+    for clip in (None, 0.01):
+        torch.manual_seed(0)
+        scl = SparseConnectivityLearning(lam=0.2)
+        fit(MLP(), [scl], max_steps=1, gradient_clip_val=clip)
+        masks.append(masks_of(scl))
+    for name in masks[0]:
+        torch.testing.assert_close(masks[0][name], masks[1][name], rtol=0, atol=0)
+
+
+class SwitchOffHalfTheHead(Callback):
+    def on_fit_start(self, trainer, pl_module):
+        with torch.no_grad():
+            pl_module.head.parametrizations.weight[0].mask[:, ::2] = -1e6  # stays off for the whole run
+        self.initial = pl_module.head.parametrizations.weight.original.detach().clone()
+
+
+@pytest.mark.parametrize("protect", [True, False])
+def test_pruned_weights_are_protected_from_weight_decay(protect):
+    torch.manual_seed(0)
+    model = MLP(weight_decay=0.5)
+    switch = SwitchOffHalfTheHead()
+    scl = SparseConnectivityLearning(lam=0.0, protect_pruned_weights=protect)
+    fit(model, [scl, switch], max_steps=5)
+    original = model.head.parametrizations.weight.original.detach()
+    off, on = original[:, ::2], original[:, 1::2]
+    assert not torch.equal(on, switch.initial[:, 1::2])  # weights whose mask is on train normally
+    if protect:
+        assert torch.equal(off, switch.initial[:, ::2])
+    else:  # decay alone: w <- w * (1 - lr * wd) with momentum, so every pruned weight shrinks
+        assert torch.all(off.abs() < switch.initial[:, ::2].abs())
+
+
+class NonFiniteOnce(Callback):
+    """Poisons one mask gradient at a chosen optimizer step and records the masks around it."""
+
+    def __init__(self, scl: SparseConnectivityLearning, at_step: int):
+        self.scl, self.at_step, self.before, self.after = scl, at_step, None, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.at_step:
+            next(iter(self.scl.masks.values())).mask.grad[0, 0] = float("nan")
+            self.before, self.lam_before = masks_of(self.scl), self.scl.lam
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step + 1:
+            self.after, self.lam_after = masks_of(self.scl), self.scl.lam
+
+
+def test_nonfinite_mask_gradient_leaves_masks_and_controller_unchanged():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(target_density=0.3, mask_lr=0.05)
+    poison = NonFiniteOnce(scl, at_step=3)
+    with pytest.warns(UserWarning, match="non-finite mask gradients"):
+        fit(MLP(), [poison, scl], max_steps=6)
+    assert scl.steps_skipped_nonfinite == 1
+    for name in poison.before:
+        assert torch.equal(poison.before[name], poison.after[name])
+    assert poison.lam_before == poison.lam_after
+
+
+def test_freeze_stops_masks_but_weights_keep_training():
+    class Recorder(Callback):
+        def __init__(self, scl):
+            self.scl, self.history = scl, []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.history.append((masks_of(self.scl), pl_module.head.parametrizations.weight.original.clone()))
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.3, mask_lr=0.05, freeze_masks_at=2)
+    recorder = Recorder(scl)
+    fit(MLP(), [scl, recorder], max_epochs=4)
+    (m1, _), (m2, w2), (m3, w3), _ = recorder.history
+    assert scl.frozen
+    assert any(not torch.equal(m1[k], m2[k]) for k in m1)  # epoch 2 (index 1) still learned masks
+    assert all(torch.equal(m2[k], m3[k]) for k in m2)  # frozen from epoch 2 on
+    assert not torch.equal(w2, w3)
+
+
+def test_weights_with_mask_off_do_not_affect_output():
+    torch.manual_seed(0)
+    model = MLP()
+    scl = SparseConnectivityLearning(lam=1.0, mask_lr=0.1)
+    fit(model, [scl], max_epochs=2)
+    x = torch.randn(5, 16)
+    before = model(x)
+    with torch.no_grad():
+        for name, mask in scl.masks.items():
+            original = model.get_submodule(name).parametrizations.weight.original
+            original[~mask.gate().expand_as(original)] = 123.0
+    torch.testing.assert_close(model(x), before)
+
+
+def test_idempotent_setup_across_fit_validate_test_predict():
+    torch.manual_seed(0)
+    model = MLP()
+    scl = SparseConnectivityLearning(lam=0.1)
+    trainer = fit(model, [scl], max_epochs=1)
+    masks = masks_of(scl)
+    trainer.validate(model, loader())
+    trainer.test(model, loader())
+    trainer.predict(model, loader())
+    trainer2 = quiet_trainer(callbacks=[scl], max_epochs=1)
+    trainer2.fit(model, loader())
+    assert len(scl.masks) == 3
+    for name in masks:
+        assert len(model.get_submodule(name).parametrizations.weight) == 1
+    assert "configure_optimizers" not in vars(model)  # the temporary wrapper was removed at teardown
+
+
+def test_layers_created_in_configure_model_get_masks():
+    class Lazy(MLP):
+        def __init__(self):
+            super().__init__()
+            self.extra = None
+
+        def configure_model(self):
+            if self.extra is None:
+                self.extra = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.extra(super().forward(x))
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.1)
+    model = Lazy()
+    fit(model, [scl], max_steps=2)
+    assert "extra" in scl.masks
+
+
+def test_include_exclude_patterns_select_layers():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.1, exclude=["head"])
+    fit(MLP(), [scl], max_steps=1)
+    assert sorted(scl.masks) == ["net.0", "net.2"]
+    scl = SparseConnectivityLearning(lam=0.1, include=["re:^net\\.2$"])
+    fit(MLP(), [scl], max_steps=1)
+    assert list(scl.masks) == ["net.2"]
+
+
+def test_selecting_nothing_is_an_error_listing_candidates():
+    with pytest.raises(ValueError, match=r"matches no maskable layer.*'net.0'"):
+        fit(MLP(), [SparseConnectivityLearning(include=["encoder.*"])], max_steps=1)
+
+
+def test_logs_density_connections_lambda_reg_loss(tmp_path):
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.2, log_per_layer=True)
+    logger = CSVLogger(tmp_path, name="run")
+    fit(MLP(), [scl], max_epochs=2, logger=logger, log_every_n_steps=2)
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = set(rows[0])
+    for key in ("scl/density", "scl/connections", "scl/lambda", "scl/reg_loss", "scl/density/head"):
+        assert key in columns
+    last = [r for r in rows if r["scl/density"]][-1]
+    assert float(last["scl/lambda"]) == pytest.approx(0.2)
+    kept = float(last["scl/connections"])
+    assert 0 < kept <= 16 * 32 + 32 * 32 + 32 * 4
+    assert float(last["scl/reg_loss"]) == pytest.approx(0.2 * kept, rel=1e-6)
+
+
+def test_progress_bar_shows_density(capsys):
+    torch.manual_seed(0)
+    trainer = fit(MLP(), [SparseConnectivityLearning(lam=0.1)], max_steps=3, enable_progress_bar=True)
+    assert "density" in trainer.progress_bar_metrics
+
+
+class StopAfterEpoch(Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epoch:
+            trainer.should_stop = True
+
+
+def _checkpointing_fit(tmp_path, epochs, ckpt_path=None, stop_after=None, **scl_kwargs):
+    torch.manual_seed(0)
+    model = MLP(weight_decay=1e-3)
+    scl = SparseConnectivityLearning(**scl_kwargs)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, every_n_epochs=1)
+    callbacks = [scl, checkpoint] + ([StopAfterEpoch(stop_after)] if stop_after else [])
+    trainer = quiet_trainer(callbacks=callbacks, max_epochs=epochs, enable_checkpointing=True)
+    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return model, scl
+
+
+def test_resume_gives_identical_masks_weights_and_controller(tmp_path):
+    kwargs = dict(target_density=0.3, mask_lr=0.05)
+    straight, scl_a = _checkpointing_fit(tmp_path / "a", 3, **kwargs)
+    _checkpointing_fit(tmp_path / "b", 3, stop_after=1, **kwargs)  # interrupted after epoch 1 of 3
+    resumed, scl_b = _checkpointing_fit(tmp_path / "b", 3, ckpt_path=str(tmp_path / "b" / "last.ckpt"), **kwargs)
+    assert scl_a.lam == scl_b.lam and scl_a.lam != 0.01  # the controller moved and was restored
+    for name in scl_a.masks:
+        assert torch.equal(scl_a.masks[name].mask, scl_b.masks[name].mask)
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert len(straight.losses) == 3 * 8 and resumed.losses == straight.losses[8:]
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    _checkpointing_fit(tmp_path, 1, lam=0.2)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if "SparseConnectivityLearning" in k]
+    assert state["lam"] == 0.2 and state["mask_optimizer"]["state"]
+    assert checkpoint["lightning_scl"]["scl"]["layers"] == ["net.0", "net.2", "head"]
+    assert any(k.endswith("parametrizations.weight.0.mask") for k in checkpoint["state_dict"])
+
+
+def test_works_with_user_lr_scheduler_onecycle():
+    class WithOneCycle(MLP):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=self.trainer.max_steps)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.2)
+    fit(WithOneCycle(), [scl], max_steps=8)
+    assert scl._mask_optimizer.param_groups[0]["lr"] == scl.mask_lr
+
+
+def test_layer_collapse_warns_and_floor_keeps_layers_alive():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"layer '.*' has no connection left"):
+        fit(MLP(), [SparseConnectivityLearning(lam=50.0, mask_lr=0.5)], max_epochs=2)
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=50.0, mask_lr=0.5, min_density_per_layer=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(MLP(), [scl], max_epochs=2)
+    assert not [w for w in caught if "no connection left" in str(w.message)]
+    for mask in scl.masks.values():
+        assert mask.kept() >= 0.05 * mask.numel_connections
+
+
+def test_target_density_controller_reaches_target():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(target_density=0.2, mask_lr=0.05, ramp_end=0.5)
+    fit(MLP(), [scl], data=loader(n=512), max_epochs=40)
+    assert abs(scl.density - 0.2) / 0.2 < 0.1, scl.density
+
+
+def test_channel_granularity_trains_channel_masks():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(granularity="channel", lam=1.0, mask_lr=0.1)
+    fit(MLP(), [scl], max_epochs=3)
+    net0 = scl.masks["net.0"]
+    assert net0.mask.shape == (32, 1)
+    assert scl.density < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(lam=-1.0), "lam must be a number >= 0"),
+        (dict(lam=0.1, target_density=0.1), "either lam"),
+        (dict(target_density=0.0), r"target_density must be in \(0, 1\]"),
+        (dict(target_density=1.5), r"target_density must be in \(0, 1\]"),
+        (dict(ste="sigmoid"), "ste must be one of"),
+        (dict(ste="leaky_relu", ste_slope=-0.1), "ste_slope must be > 0"),
+        (dict(normalize="mean"), "normalize must be one of"),
+        (dict(granularity="filter"), "granularity must be one of"),
+        (dict(regularizer="params"), "regularizer must be one of"),
+        (dict(mask_init=0.0), "mask_init must be > 0"),
+        (dict(mask_lr=0.0), "mask_lr must be > 0"),
+        (dict(mask_momentum=1.0), r"mask_momentum must be in \[0, 1\)"),
+        (dict(freeze_masks_at=1.5), "freeze_masks_at must be a float fraction"),
+        (dict(freeze_masks_at=0), "freeze_masks_at as an epoch number must be >= 1"),
+        (dict(include=["re:("]), "not a valid regular expression"),
+        (dict(layer_types=["Dense"]), "not a torch.nn layer class"),
+        (dict(min_density_per_layer=1.0), r"min_density_per_layer must be in \[0, 1\)"),
+        (dict(log_every_n_steps=0), "log_every_n_steps must be a positive int"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseConnectivityLearning(**kwargs)
+
+
+def test_target_density_needs_finite_training():
+    with pytest.raises(ValueError, match="finite training length"):
+        fit(
+            MLP(), [SparseConnectivityLearning(target_density=0.5)], max_epochs=-1, max_steps=-1, max_time="00:00:00:02"
+        )
+
+
+def test_training_step_loss_unchanged_by_callback():
+    """The regularizer acts through gradients: the user's loss and logged values stay the task loss."""
+    torch.manual_seed(0)
+    model = MLP()
+    fit(model, [SparseConnectivityLearning(lam=0.5)], max_steps=1)
+    torch.manual_seed(0)
+    fresh = MLP()
+    x, y = next(iter(loader()))
+    assert model.losses[0] == pytest.approx(F.cross_entropy(fresh(x), y).item(), abs=1e-6)
