@@ -1,0 +1,67 @@
+"""Two-process CPU DDP fit with SparseConnectivityLearning (and ELUSwap); each rank dumps what it ended with.
+
+Run by tests/test_distributed.py as ``python tests/scripts/ddp_fit.py OUT_DIR``; Lightning re-launches this script
+for rank 1, so everything lives under the ``__main__`` guard.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_scl.callbacks.scl import SparseConnectivityLearning  # noqa: E402
+from tests.conftest import MLP, loader  # noqa: E402
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(out_dir: Path) -> None:
+    L.seed_everything(0)
+    torch.set_num_threads(1)
+    model = MLP(weight_decay=1e-3)
+    callbacks = [SparseConnectivityLearning(target_density=0.3, mask_lr=0.05)]
+    try:
+        from lightning_scl.callbacks.elu import ELUSwap
+
+        callbacks.append(ELUSwap())
+    except ImportError:
+        pass
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        callbacks=callbacks,
+        logger=CSVLogger(out_dir, name="logs", version=0),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader(n=512))
+    scl = callbacks[0]
+    record = {
+        "rank": trainer.global_rank,
+        "masks": digest(m.mask for m in scl.masks.values()),
+        "weights": digest(p for n, p in model.named_parameters() if "mask" not in n),
+        "lam": scl.lam,
+        "density": scl.density,
+        "steps": trainer.global_step,
+        "swapped": [type(m).__name__ for m in model.modules() if "ELU" in type(m).__name__],
+    }
+    (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
