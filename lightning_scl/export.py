@@ -804,6 +804,7 @@ class _Shrinker:
         changed = True
         while changed:  # removing a channel can leave a next-layer unit dead or an earlier one unused
             changed = False
+            self.kept_for_exactness = 0  # the last pass, which removes nothing, counts what stays
             for group in self.dg.get_all_groups(root_module_types=conv_linear):
                 changed |= self.shrink_group(group)
 
@@ -1016,17 +1017,24 @@ def _write_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) 
     model.eval()
     with torch.no_grad():
         reference = [t.detach().cpu() for t in _flat_tensors(_call(model, inputs))]
+    dynamo_error: Exception | None = None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the exporters are chatty about internals the user cannot act on
         try:
             torch.onnx.export(model, inputs, str(path), dynamo=True, external_data=False, verbose=False)
-        except Exception as dynamo_error:  # the torch.export-based exporter rejects some models
+        except Exception as err:  # the torch.export-based exporter rejects some models (data-dependent control flow)
+            dynamo_error = err
             try:
                 torch.onnx.export(model, inputs, str(path), dynamo=False)
             except Exception as legacy_error:
                 raise RuntimeError(
                     f"torch.onnx.export failed with dynamo=True ({dynamo_error}) and dynamo=False ({legacy_error})"
                 ) from legacy_error
+    if dynamo_error is not None:
+        warnings.warn(
+            f"torch.onnx.export(dynamo=True) failed ({dynamo_error}); exported with the TorchScript exporter instead",
+            stacklevel=3,
+        )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {spec.name: x.detach().cpu().numpy() for spec, x in zip(session.get_inputs(), inputs)}
     outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
