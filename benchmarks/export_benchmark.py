@@ -1,0 +1,330 @@
+"""Export benchmark: file sizes of the weight formats, and CPU latency of the shrunk model against the dense one.
+
+Masks are SYNTHETIC (no training), so the script runs in seconds and measures the export, not SCL:
+
+- sizes: random per-connection masks at 10%, 2% and 0.5% density on LeNet-300-100 and LeNet-5-Caffe;
+- latency: channel masks on LeNet-5-Caffe and a CIFAR ResNet-20 keeping, in every dependency group (a layer's
+  output channels together with the residual adds that tie them to other layers), the channels of largest summed
+  L1 norm; biases and BatchNorm statistics are randomized first so that removed channels carry non-zero constants
+  (the shrink must fold them) as they would after training.
+
+Usage::
+
+    python benchmarks/export_benchmark.py --part sizes          # no timing: safe on a busy machine
+    python benchmarks/export_benchmark.py --part latency        # timing: run on a quiet machine
+    python benchmarks/export_benchmark.py --smoke               # CI: tiny, writes nothing unless --out is given
+
+Results go to ``benchmarks/results/export_sizes.{md,json}`` and ``export_latency.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lightning_scl.export import export_pruned, load_pruned, shrink_model
+from lightning_scl.masking import inject_masks, iter_masks
+from lightning_scl.models import LeNet5Caffe, LeNet300100, resnet20
+
+SIZE_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "LeNet-300-100": (LeNet300100, (1, 28, 28)),
+    "LeNet-5-Caffe": (LeNet5Caffe, (1, 28, 28)),
+}
+LATENCY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "LeNet-5-Caffe": (LeNet5Caffe, (1, 28, 28)),
+    "ResNet-20": (resnet20, (3, 32, 32)),
+}
+GOAL = 0.7  # speed-up >= GOAL * (dense FLOPs / kept FLOPs)
+
+
+# ---------------------------------------------------------------------------------------------------- sizes
+
+
+def random_weight_masks(factory: Callable[[], nn.Module], density: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = factory().eval()
+    inject_masks(model)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, _, mask in iter_masks(model):
+            keep = torch.rand(mask.mask.shape, generator=generator) < density
+            mask.mask.copy_(torch.where(keep, 1.0, -1.0))
+    return model
+
+
+def measure_sizes(densities: list[float], tmp: Path) -> list[dict[str, Any]]:
+    rows = []
+    for name, (factory, _) in SIZE_MODELS.items():
+        dense_path = tmp / "dense.safetensors"
+        save_file({k: v.contiguous() for k, v in factory().state_dict().items()}, str(dense_path))
+        for density in densities:
+            model = random_weight_masks(factory, density)
+            folded = export_pruned(model, tmp / "folded.safetensors")
+            comp32 = export_pruned(model, tmp / "c32.scl.safetensors", format="compressed")
+            comp16 = export_pruned(model, tmp / "c16.scl.safetensors", format="compressed", dtype="float16")
+            plain = load_pruned(folded)
+            assert all(torch.equal(load_pruned(comp32)[k], v) for k, v in plain.items())  # bit-exact round trip
+            masked_keys = {f"{n}.weight" for n, _, _ in iter_masks(model)}
+            kept = sum(m.kept() for _, _, m in iter_masks(model))
+            connections = sum(m.numel_connections for _, _, m in iter_masks(model))
+            unmasked = sum(v.numel() * v.element_size() for k, v in plain.items() if k not in masked_keys)
+            limit32 = kept * 4 + math.ceil(connections / 8) + unmasked
+            limit16 = kept * 2 + math.ceil(connections / 8) + unmasked // 2
+            rows.append(
+                {
+                    "model": name,
+                    "target_density": density,
+                    "density": kept / connections,
+                    "connections": connections,
+                    "kept": kept,
+                    "dense_fp32_bytes": dense_path.stat().st_size,
+                    "folded_safetensors_bytes": folded.stat().st_size,
+                    "compressed_fp32_bytes": comp32.stat().st_size,
+                    "compressed_fp16_bytes": comp16.stat().st_size,
+                    "limit_fp32_bytes": limit32,
+                    "limit_fp16_bytes": limit16,
+                    "fp32_over_limit": comp32.stat().st_size / limit32,
+                    "fp16_over_limit": comp16.stat().st_size / limit16,
+                    "fp32_compression": dense_path.stat().st_size / comp32.stat().st_size,
+                }
+            )
+    return rows
+
+
+def sizes_markdown(rows: list[dict[str, Any]]) -> str:
+    kib = 1024
+    lines = [
+        "# Export file sizes",
+        "",
+        "Synthetic random per-connection masks (no training). `limit` is the information limit: kept values x "
+        "bytes + 1 bit per connection + unmasked tensors (biases) stored plainly. Folded safetensors keeps the "
+        "zeros, so it is as large as the dense file; the compressed file stores 1 bit per connection plus the "
+        "kept values.",
+        "",
+        "| model | density | dense fp32 KiB | folded safetensors KiB | compressed fp32 KiB | limit fp32 KiB "
+        "| fp32 / limit | compressed fp16 KiB | fp16 / limit | dense / compressed fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['density']:.2%} | {r['dense_fp32_bytes'] / kib:.1f} "
+            f"| {r['folded_safetensors_bytes'] / kib:.1f} | {r['compressed_fp32_bytes'] / kib:.1f} "
+            f"| {r['limit_fp32_bytes'] / kib:.1f} | {r['fp32_over_limit']:.3f} "
+            f"| {r['compressed_fp16_bytes'] / kib:.1f} | {r['fp16_over_limit']:.3f} | {r['fp32_compression']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- latency
+
+
+def randomize_biases_and_bn(model: nn.Module, seed: int = 0) -> None:
+    """Trained-looking biases and BatchNorm statistics, so removed channels carry non-zero constants."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.1)
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.05)
+
+
+def magnitude_channel_masks(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], density: float, seed: int = 0
+) -> nn.Module:
+    """Channel masks keeping ``density`` of the channels of every dependency group (classifier output kept)."""
+    import torch_pruning as tp
+
+    torch.manual_seed(seed)
+    model = factory().eval()
+    randomize_biases_and_bn(model, seed)
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *shape), verbose=False)
+    plans: dict[nn.Module, torch.Tensor] = {}
+    for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
+        producers = [
+            (item.dep.target.module, item.idxs)
+            for item in group
+            if isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))
+            and dg.is_out_channel_pruning_fn(item.dep.handler)
+        ]
+        if any(module is classifier for module, _ in producers):
+            continue
+        n = len(group[0].idxs)
+        score = torch.zeros(n)
+        for module, idxs in producers:
+            score += module.weight.detach().abs().flatten(1).sum(1)[idxs]
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[score.topk(max(1, round(density * n))).indices] = True
+        for module, _ in producers:
+            plans[module] = keep
+    layers = [(name, m) for name, m in model.named_modules() if m in plans]
+    inject_masks(model, layers, granularity="channel")
+    with torch.no_grad():
+        for _, layer, mask in iter_masks(model):
+            mask.mask.copy_(torch.where(plans[layer], 1.0, -1.0).view_as(mask.mask))
+    return model
+
+
+def fvcore_flops(model: nn.Module, x: torch.Tensor) -> int:
+    from fvcore.nn import FlopCountAnalysis
+
+    logging.disable(logging.WARNING)
+    try:
+        return int(FlopCountAnalysis(model.eval(), x).unsupported_ops_warnings(False).total())
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, x: torch.Tensor, reps: int, rounds: int) -> float:
+    """Median over ``rounds`` of the mean time of ``reps`` forwards, after a warm-up round."""
+    model.eval()
+    for _ in range(max(2, reps // 4)):
+        model(x)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            model(x)
+        times.append((time.perf_counter() - start) / reps * 1e3)
+    return statistics.median(times)
+
+
+def measure_latency(
+    densities: list[float], batches: list[int], reps: int, rounds: int, tmp: Path
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, (factory, shape) in LATENCY_MODELS.items():
+        for density in densities:
+            masked = magnitude_channel_masks(factory, shape, density)
+            x1 = torch.randn(1, *shape)
+            path = export_pruned(masked, tmp / "model.shrunk.pt", format="shrunk", example_input=x1)
+            small, record = shrink_model(masked, x1)
+            dense = factory().eval()
+            dense.load_state_dict(load_pruned(export_pruned(masked, tmp / "dense.safetensors")))
+            with torch.no_grad():
+                max_diff = float((small(x1) - dense(x1)).abs().max())
+            dense_flops, kept_flops = fvcore_flops(dense, x1), fvcore_flops(small, x1)
+            for batch in batches:
+                x = torch.randn(batch, *shape)
+                t_dense = latency_ms(dense, x, reps, rounds)
+                t_small = latency_ms(small, x, reps, rounds)
+                speedup, flops_ratio = t_dense / t_small, dense_flops / kept_flops
+                rows.append(
+                    {
+                        "model": name,
+                        "channel_density": density,
+                        "batch": batch,
+                        "params_dense": record["params_before"],
+                        "params_shrunk": record["params_after"],
+                        "shrunk_file_bytes": path.stat().st_size,
+                        "dense_flops": dense_flops,
+                        "kept_flops": kept_flops,
+                        "flops_ratio": flops_ratio,
+                        "channels_kept_for_exactness": record["kept_for_exactness"],
+                        "max_abs_diff": max_diff,
+                        "dense_ms": t_dense,
+                        "shrunk_ms": t_small,
+                        "speedup": speedup,
+                        "goal_speedup": GOAL * flops_ratio,
+                        "meets_goal": speedup >= GOAL * flops_ratio,
+                    }
+                )
+                print(
+                    f"{name:14s} density {density:.2f} batch {batch:3d}: dense {t_dense:8.3f} ms, shrunk "
+                    f"{t_small:8.3f} ms, speed-up {speedup:5.2f}x (FLOPs ratio {flops_ratio:5.2f}x, goal "
+                    f"{GOAL * flops_ratio:5.2f}x)",
+                    flush=True,
+                )
+    return rows
+
+
+def latency_markdown(rows: list[dict[str, Any]], threads: int) -> str:
+    lines = [
+        "# Shrunk vs dense CPU latency",
+        "",
+        "Synthetic channel masks (no training): in every dependency group the channels of largest summed L1 norm "
+        "are kept (classifier outputs all kept); biases and BatchNorm statistics randomized so removed channels "
+        "carry constants that the shrink folds. FLOPs by fvcore (multiply-accumulates) at batch 1. Goal: speed-up "
+        f">= {GOAL} x (dense FLOPs / kept FLOPs).",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads.",
+        "",
+        "| model | channel density | batch | params dense -> shrunk | FLOPs dense / kept | dense ms | shrunk ms "
+        "| speed-up | goal | met | max abs diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['channel_density']:.2f} | {r['batch']} | {r['params_dense']:,} -> "
+            f"{r['params_shrunk']:,} | {r['flops_ratio']:.2f}x | {r['dense_ms']:.3f} | {r['shrunk_ms']:.3f} "
+            f"| {r['speedup']:.2f}x | {r['goal_speedup']:.2f}x | {'yes' if r['meets_goal'] else 'no'} "
+            f"| {r['max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["sizes", "latency", "all"], default="all")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for CI; writes results only with --out")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the latency part")
+    parser.add_argument("--reps", type=int, default=50, help="forwards per timing round")
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (the median is reported)")
+    args = parser.parse_args(argv)
+
+    out = args.out if args.out is not None else (None if args.smoke else Path(__file__).parent / "results")
+    size_densities = [0.02] if args.smoke else [0.1, 0.02, 0.005]
+    channel_densities = [0.5] if args.smoke else [0.5, 0.25]
+    batches = [1] if args.smoke else [1, 64]
+    reps, rounds = (2, 1) if args.smoke else (args.reps, args.rounds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("Masks are synthetic (random / magnitude), not trained: see the module docstring.", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if args.part in ("sizes", "all"):
+            rows = measure_sizes(size_densities, tmp)
+            text = sizes_markdown(rows)
+            print(text)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "export_sizes.md").write_text(text)
+                (out / "export_sizes.json").write_text(json.dumps(rows, indent=2) + "\n")
+        if args.part in ("latency", "all"):
+            rows = measure_latency(channel_densities, batches, reps, rounds, tmp)
+            text = latency_markdown(rows, torch.get_num_threads())
+            print(text)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "export_latency.md").write_text(text)
+                (out / "export_latency.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
