@@ -591,6 +591,7 @@ class _Shrinker:
         self.added_bias: list[str] = []
         self.kept_for_exactness = 0
         self._captured: dict[nn.Module, list[torch.Tensor]] = {}
+        self.kept_indices: dict[str, dict[str, list[int]]] = {}  # original indices still present, per layer/dim
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
@@ -672,7 +673,7 @@ class _Shrinker:
                 for h in hooks:
                     h.remove()
             self._captured = {m: xs for m, xs in captured.items() if xs}
-        return {m: self._captured[m] for m in consumers}
+        return {m: self._captured.get(m, []) for m in consumers}
 
     @staticmethod
     def _constant(inputs: list[torch.Tensor], module: nn.Module, index: int) -> float | None:
@@ -683,6 +684,8 @@ class _Shrinker:
                 values.append(x[..., index].reshape(-1))
             else:
                 values.append(x[:, index].reshape(-1))
+        if not values:
+            return None  # the layer was not called on the probe batch
         flat = torch.cat(values).double()
         if flat.numel() == 0:
             return None
@@ -790,8 +793,27 @@ class _Shrinker:
                         if c != 0.0:
                             extra += weight.select(in_dim, by[r][0]).double() * (c / c0)
                     target.add_(extra.to(target.dtype))
+        self._track_kept(pruning_group)
         pruning_group.prune()
         return True
+
+    def _track_kept(self, pruning_group: Any) -> None:
+        for item in pruning_group:
+            module = item.dep.target.module
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+                continue
+            is_out = isinstance(module, nn.modules.batchnorm._BatchNorm) or self.dg.is_out_channel_pruning_fn(
+                item.dep.handler
+            )
+            dim = "out" if is_out else "in"
+            weight = module.weight if not isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+            size = (
+                module.num_features if weight is None else weight.shape[_out_dim(module) if is_out else _in_dim(module)]
+            )
+            entry = self.kept_indices.setdefault(self.names[module], {})
+            current = entry.get(dim, list(range(size)))
+            gone = set(int(i) for i in item.idxs)
+            entry[dim] = [k for pos, k in enumerate(current) if pos not in gone]
 
     def _add_to_bias(self, module: nn.Module, delta: torch.Tensor) -> None:
         if module.bias is None:
@@ -817,6 +839,7 @@ class _Shrinker:
             "version": _VERSION,
             "pruning_history": history,
             "added_bias": list(self.added_bias),
+            "kept_indices": {name: dict(dims) for name, dims in self.kept_indices.items()},
             "example_inputs": [{"shape": list(x.shape), "dtype": _dtype_name(x.dtype)} for x in self.inputs],
         }
 
@@ -866,7 +889,9 @@ def shrink_model(
 
     Returns:
         ``(shrunk_model, record)``; ``record`` (plain lists, ints and strings, ``weights_only``-safe) holds the
-        Torch-Pruning history and the layers that gained a bias, for :func:`replay_shrink`.
+        Torch-Pruning history and the layers that gained a bias, for :func:`replay_shrink`; ``kept_indices``
+        (``{layer: {"out"|"in": original indices kept}}``); ``params_before``/``params_after``; and
+        ``kept_for_exactness``, the dead channels kept as carriers or because their value was not constant.
 
     Example:
         >>> from lightning_scl.masking import inject_masks
@@ -884,11 +909,12 @@ def shrink_model(
     was_training = model.training
     work = plain_copy(model) if has_masks(model) else _detached_deepcopy(model)
     work.eval()
+    params_before = _count_params(work)
     shrinker = _Shrinker(work, inputs)
     shrinker.run()
     record = shrinker.record()
     work.eval()
-    record["params_before"] = _count_params(plain_copy(model) if has_masks(model) else model)
+    record["params_before"] = params_before
     record["params_after"] = _count_params(work)
     record["kept_for_exactness"] = shrinker.kept_for_exactness
     if check:

@@ -81,6 +81,8 @@ def test_dead_unit_bias_is_folded_into_the_next_layer() -> None:
     assert small.fc3.out_features == 3  # the model's output is never touched
     assert small.fc1.in_features == 6  # nor its input
     assert record["params_after"] < record["params_before"]
+    assert record["kept_indices"]["fc1"] == {"out": [0, 2, 3, 5, 6, 7]}
+    assert record["kept_indices"]["fc2"] == {"in": [0, 2, 3, 5, 6, 7], "out": [1, 3, 4]}
     assert_same_function(small, model, x)
 
     # Dropping the dead units without folding their constant output would be wrong:
@@ -193,6 +195,7 @@ def test_resnet18_residual_and_batchnorm(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     small, record = shrink_model(model, x[:1])
     assert small.conv1.out_channels == 63  # 5 removed from stem, bn1, both blocks and every consumer; 9 kept
+    assert 5 not in record["kept_indices"]["bn1"]["out"] and 9 in record["kept_indices"]["bn1"]["out"]
     assert small.layer1[0].conv1.in_channels == small.layer1[1].conv2.out_channels == small.layer2[0].conv1.in_channels
     assert small.layer1[0].bn2.num_features == 63
     assert record["params_after"] < 0.6 * record["params_before"]
