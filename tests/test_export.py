@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
-from lightning_scl.export import FORMATS, export_pruned, load_masked_checkpoint, load_pruned, main
+from lightning_scl.export import FORMATS, export_pruned, load_masked_checkpoint, load_pruned, load_shrunk, main
 from lightning_scl.masking import inject_masks, iter_masks
 
 
@@ -306,7 +306,9 @@ def test_cli_export(tmp_path: Path, scl_checkpoint, capsys: pytest.CaptureFixtur
     assert torch.equal(fresh(x), trained(x))
     args = [str(ckpt), "--format", "shrunk", "--model-class", f"{__name__}.LitMLP", "-o", str(tmp_path / "s.pt")]
     assert main(args) == 0
-    assert (tmp_path / "s.pt").exists()
+    small = load_shrunk(tmp_path / "s.pt", LitMLP)  # rebuilt with the checkpoint's hyper_parameters
+    assert small.model[1].out_features < 32
+    torch.testing.assert_close(small(x), trained(x), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
