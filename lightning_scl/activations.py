@@ -16,10 +16,13 @@ The swap is recorded on the model, so repeating it is a no-op, and :func:`restor
 
 from __future__ import annotations
 
+import dis
+import functools
 import math
 import pickle
 import re
 import threading
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -248,7 +251,10 @@ class LearnableELU(nn.Module):
 def _inplace_is_safe(x: Tensor) -> bool:
     """Whether writing the activation into ``x`` leaves autograd intact (as far as ``x`` itself can tell)."""
     if torch.compiler.is_compiling():
-        return False  # grad_fn is not inspectable while tracing; out of place is always correct
+        # grad_fn cannot be inspected while dynamo traces: honour the in-place request as the original code made
+        # it. Out of place would silently drop the activation where the caller ignores the return value; in place
+        # after sigmoid/tanh fails loudly, exactly as the unswapped model does under compile.
+        return True
     if not (torch.is_grad_enabled() and x.requires_grad):
         return True
     if x.is_leaf:
@@ -413,6 +419,9 @@ class _FunctionalRouter:
         self.owners: set[str] = set()
         self.quiet = False  # the Lightning callback reports on rank zero itself
         self._warned = False
+        # modules whose forward calls a function that dynamo does not dispatch to this mode (see _compile_blind)
+        self.compile_blind: list[str] = []
+        self._compile_warned = False
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -437,6 +446,15 @@ class _FunctionalRouter:
             stack = self._stack()
         if not stack:
             self._local.mode = _RerouteMode(self).__enter__()
+            if self.compile_blind and not self._compile_warned and torch.compiler.is_compiling():
+                self._compile_warned = True
+                warnings.warn(
+                    f"torch.compile: the forward of {self.compile_blind[:5]} calls torch.relu_ / F.relu_ / "
+                    "F.leaky_relu_, which dynamo does not dispatch to the TorchFunctionMode that reroutes functional "
+                    "calls: in the compiled model they stay ReLU (eager is correct). Write F.relu(x, inplace=True) "
+                    "or x.relu_() there instead.",
+                    stacklevel=2,
+                )
         stack.append((id(module), name, selected))
 
     def exit(self, module: nn.Module) -> None:
@@ -532,16 +550,55 @@ def _remove_hooks(root: nn.Module, hook_types: tuple[type, ...]) -> None:
                 module._forward_hooks_always_called.pop(key, None)
 
 
+@functools.cache
+def _overridable() -> frozenset[Callable[..., Any]]:
+    return frozenset(f for fs in torch.overrides.get_overridable_functions().values() for f in fs)
+
+
+def _code_objects(code: types.CodeType) -> list[types.CodeType]:
+    nested = [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return [code, *(inner for c in nested for inner in _code_objects(c))]
+
+
+def _compile_blind(module_type: type, functions: Sequence[Callable[..., Any]]) -> bool:
+    """Whether ``module_type.forward`` names one of ``functions`` (``torch.relu_``, ``F.relu_``, ``relu_``).
+
+    Dynamo only dispatches functions of ``torch.overrides.get_overridable_functions()`` to a TorchFunctionMode
+    entered inside a compiled region; ``torch.relu_`` and ``F.leaky_relu_`` are not among them, so under
+    torch.compile they escape the reroute. Best effort: code that the forward calls indirectly is not inspected.
+    """
+    forward = getattr(module_type, "forward", None)
+    if not isinstance(forward, types.FunctionType):
+        return False
+    scope = forward.__globals__
+    for code in _code_objects(forward.__code__):
+        previous = None
+        for ins in dis.get_instructions(code):
+            if ins.opname == "LOAD_GLOBAL" and any(scope.get(ins.argval) is f for f in functions):
+                return True  # from torch import relu_
+            if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and previous is not None and previous.opname == "LOAD_GLOBAL":
+                owner = scope.get(previous.argval)
+                if owner is not None and any(getattr(owner, ins.argval, None) is f for f in functions):
+                    return True  # torch.relu_, F.relu_
+            previous = ins
+    return False
+
+
 def _install_scope_hooks(root: nn.Module, config: SwapConfig, router: _FunctionalRouter) -> None:
     # Every module whose forward may hold a functional call is hooked, not only the root: Lightning's training_step
     # often calls a submodule (self.backbone(x)) without going through the root's forward.
     _remove_hooks(root, (_EnterScope, _ExitScope))
+    blind_functions = [f for f in router.functions if f not in _overridable()]
+    router.compile_blind = []
     for name, module in root.named_modules():
         selected = config.selects(name)
         parent_selected = config.selects(name.rpartition(".")[0])
-        if module is root or selected != parent_selected or _may_call_functional(module):
+        may_call = _may_call_functional(module)
+        if module is root or selected != parent_selected or may_call:
             module.register_forward_pre_hook(_EnterScope(router, name, selected), prepend=True)
             module.register_forward_hook(_ExitScope(router), always_call=True)
+        if selected and may_call and router.mode == "rewrite" and _compile_blind(type(module), blind_functions):
+            router.compile_blind.append(name)
 
 
 @dataclass
@@ -587,6 +644,12 @@ class SwapReport:
         return None if self._router is None else self._router.total_calls
 
     @property
+    def compile_blind(self) -> list[str]:
+        """Modules whose forward calls ``torch.relu_``/``F.relu_``/``F.leaky_relu_``: not rerouted under
+        torch.compile (a dynamo limitation; eager is correct). A warning is raised when such a model is compiled."""
+        return [] if self._router is None else list(self._router.compile_blind)
+
+    @property
     def functional_owners(self) -> list[str]:
         """Qualified names of the modules whose forward made those calls (``""`` is the root)."""
         return [] if self._router is None else sorted(self._router.owners)
@@ -597,6 +660,8 @@ class SwapReport:
         if self._router is not None:
             verb = "rerouted" if self.config.functional == "rewrite" else "seen, left as is"
             text += f"; functional calls {verb} so far: {self._router.total_calls}"
+        if self.compile_blind:
+            text += f"; {len(self.compile_blind)} module(s) call torch.relu_/F.relu_, not rerouted under torch.compile"
         if self.untraced:
             text += f"; reuse not countable (untraceable parent) for {len(self.untraced)}"
         if self.skipped:
