@@ -46,6 +46,7 @@ __all__ = [
     "read_swap_record",
     "restore_activations",
     "swap_activations",
+    "swap_report",
 ]
 
 #: Activation modules that ``targets`` may name. Matched by exact type: subclasses are not swapped.
@@ -808,6 +809,21 @@ def swap_activations(
             _install_scope_hooks(module, config, record.router)
             record.hooked_tree = tree
     return record.report
+
+
+def swap_report(module: nn.Module) -> SwapReport | None:
+    """The report of the swap applied to ``module``, or None if it was not swapped.
+
+    Example:
+        >>> model = nn.Sequential(nn.ReLU())
+        >>> swap_report(model) is None
+        True
+        >>> _ = swap_activations(model)
+        >>> swap_report(model).num_modules
+        1
+    """
+    record: _SwapRecord | None = module.__dict__.get(_RECORD_ATTR)
+    return None if record is None else record.report
 
 
 def restore_activations(module: nn.Module) -> bool:

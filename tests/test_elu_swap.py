@@ -543,6 +543,37 @@ def test_checkpoint_record_keeps_other_lightning_scl_entries(tmp_path):
         assert section["scl"] == {"density": 0.5} and section["elu_swap"]["replacement"] == "ELU"
 
 
+def test_resume_restores_learnable_replacements(tmp_path):
+    torch.manual_seed(0)
+    model = ReusedMLP()
+    trainer = fit(model, [ELUSwap(replacement="LearnableELU", verbose=False)])
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    trained = {name: p.item() for name, p in model.named_parameters() if name.endswith("alpha")}
+    assert len(trained) == 4 and any(v != 1.0 for v in trained.values())
+
+    resumed = ReusedMLP()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0)
+    trainer.callbacks.append(ELUSwap(replacement="LearnableELU", verbose=False))
+    trainer.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "c.ckpt")  # strict load: same keys after swap
+    assert {name: p.item() for name, p in resumed.named_parameters() if name.endswith("alpha")} == trained
+
+
+def test_callback_warn_mode_reports_functional_calls_left_alone():
+    with pytest.warns(UserWarning, match=r"functional \['ReLU'\] call\(s\) in the first batch .* left unchanged"):
+        fit(ReusedMLP(), [ELUSwap(functional="warn", verbose=False)])
+
+
+def test_spawn_strategies_warn_unless_the_model_was_swapped_before_launch():
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    with pytest.warns(UserWarning, match="comes back from fit unswapped"):
+        ELUSwap(verbose=False).setup(trainer, MLP(), "fit")
+    model = MLP()
+    apply_elu(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*unswapped.*")
+        ELUSwap(verbose=False).setup(trainer, model, "fit")
+
+
 def test_resume_with_other_settings_warns():
     callback = ELUSwap(verbose=False)
     with pytest.warns(UserWarning, match="checkpoint was trained with"):

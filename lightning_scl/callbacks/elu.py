@@ -17,6 +17,7 @@ from lightning_scl.activations import (
     SwapReport,
     read_swap_record,
     swap_activations,
+    swap_report,
 )
 
 __all__ = ["ELUSwap"]
@@ -144,10 +145,20 @@ class ELUSwap(L.Callback):
 
     def _swap(self, pl_module: L.LightningModule) -> SwapReport:
         # quiet: this callback reports itself, on rank zero only
-        self.report = swap_activations(pl_module, quiet=True, **self.config.to_dict())
-        return self.report
+        report = swap_activations(pl_module, quiet=True, **self.config.to_dict())
+        if report is not self.report:  # a first swap, or another model: report it
+            self.report, self._reported, self._functional_reported = report, False, False
+        return report
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        spawned = getattr(trainer.strategy, "_start_method", None) in ("spawn", "fork", "forkserver")
+        if spawned and swap_report(pl_module) is None:
+            # setup runs in the workers only; the launcher copies weights back with strict=False
+            rank_zero_warn(
+                "ELUSwap with a spawn/fork strategy (ddp_spawn, ddp_notebook): the model in the main process comes "
+                "back from fit unswapped, and LearnableELU parameters are dropped. Call "
+                "lightning_scl.activations.apply_elu(model, **settings) before trainer.fit, or use strategy='ddp'."
+            )
         self._swap(pl_module)
         # Modules built in configure_model appear after this hook and before the optimizers: swap them there.
         if self._wrapper is None and is_overridden("configure_model", pl_module):
