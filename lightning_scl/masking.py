@@ -332,6 +332,10 @@ def strip_masks(module: nn.Module) -> nn.Module:
             continue
         if len(layer.parametrizations.weight) != 1:
             raise ValueError(f"Layer {name!r} stacks other parametrizations on its weight; remove them first.")
+        # A deepcopy shares torch's generated Parametrized* class with the original, and removal deletes the weight
+        # property from that class: give this layer a private copy of the class so the original stays intact.
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         with torch.no_grad():
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return module

@@ -208,3 +208,16 @@ def test_lazy_layer_is_a_clear_error():
     net = nn.Sequential(nn.LazyLinear(2))
     with pytest.raises(ValueError, match="uninitialized"):
         inject_masks(net, layers=[("0", net[0])])
+
+
+def test_strip_masks_on_a_deepcopy_leaves_the_original_intact():
+    import copy
+
+    net = nn.Sequential(nn.Linear(3, 4))
+    inject_masks(net)
+    clone = copy.deepcopy(net)
+    strip_masks(clone)
+    assert has_masks(net) and not has_masks(clone)
+    x = torch.randn(2, 3)
+    assert torch.equal(net(x), clone(x))
+    assert type(clone[0]) is nn.Linear

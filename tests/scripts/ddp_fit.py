@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_scl.callbacks.scl import SparseConnectivityLearning  # noqa: E402
-from tests.conftest import MLP, loader  # noqa: E402
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from tests.conftest import MLP, loader
 
 
 def digest(tensors) -> str:
