@@ -31,6 +31,7 @@ REGULARIZERS = ("connections", "flops")
 CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
+_MAX_LOG_LAM_STEP = 0.1  # lam changes by at most ~10% per step, however short the run
 
 
 def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
@@ -542,7 +543,8 @@ class SparseConnectivityLearning(Callback):
         goal = self.scheduled_density(min(1.0, progress + horizon / total_steps))
         error = log_density + horizon * self._trend - math.log(goal)
         # The gain is per run, not per step: lam may move by exp(controller_gain * error) over the whole training.
-        lam = self.lam * math.exp(self.controller_gain * error / total_steps)
+        step = max(-_MAX_LOG_LAM_STEP, min(_MAX_LOG_LAM_STEP, self.controller_gain * error / total_steps))
+        lam = self.lam * math.exp(step)
         self.lam = min(max(lam, _LAM_BOUNDS[0]), _LAM_BOUNDS[1])
 
     def _apply_density_floor(self) -> None:

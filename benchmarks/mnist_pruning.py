@@ -1,0 +1,178 @@
+"""MNIST pruning quality: SCL against Lightning's ModelPruning (gradual global L1) and the dense baseline.
+
+Every run trains ``ImageClassifier`` on ``MNISTDataModule`` (55k train / 5k validation carved from the training set;
+the 10k test set is only used for the final number, never for selection) with the same optimizer, schedule and
+epochs; only the pruning callback differs:
+
+- ``scl``: ``SparseConnectivityLearning(target_density=d, ...)``;
+- ``modelpruning``: ``lightning.pytorch.callbacks.ModelPruning`` global L1 unstructured over the same layers, cubic
+  gradual schedule (Zhu & Gupta) over the first ``--ramp`` of the epochs, then fine-tuning;
+- ``dense``: no pruning.
+
+Each run appends one JSON line to ``--out`` (default ``benchmarks/results/mnist_pruning.jsonl``);
+``benchmarks/summarize.py`` turns the lines into tables and plots.
+
+Usage::
+
+    python benchmarks/mnist_pruning.py --model lenet300 --method scl --density 0.015 --epochs 60 --seeds 0 1 2
+    python benchmarks/mnist_pruning.py --model lenet5 --method modelpruning --density 0.02 --epochs 20
+    python benchmarks/mnist_pruning.py --smoke      # CI: a few steps on a data subset, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from lightning_scl.data import MNISTDataModule
+from lightning_scl.masking import count_connections
+from lightning_scl.models import ImageClassifier
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cubic_density(progress: float, target: float) -> float:
+    """Density of the gradual schedule at ``progress`` in [0, 1] of the pruning ramp (Zhu & Gupta 2017)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return target + (1.0 - target) * (1.0 - progress) ** 3
+
+
+def modelpruning_callback(model: ImageClassifier, target: float, epochs: int, ramp: float) -> ModelPruning:
+    """Global L1 unstructured pruning at every epoch end until ``ramp * epochs``, then fine-tuning."""
+    ramp_epochs = max(1, round(ramp * epochs))
+    layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+    def amount(epoch: int) -> float:
+        # ModelPruning prunes `amount` of the weights still unpruned at the end of `epoch`.
+        if epoch >= ramp_epochs:
+            return 0.0
+        before = cubic_density(epoch / ramp_epochs, target)
+        after = cubic_density((epoch + 1) / ramp_epochs, target)
+        return 1.0 - after / before
+
+    return ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=layers,
+        amount=amount,
+        use_global_unstructured=True,
+        make_pruning_permanent=True,
+        verbose=0,
+    )
+
+
+def weight_density(model: nn.Module) -> float:
+    """Kept fraction over Linear/Conv weights: SCL masks, or exact zeros after ModelPruning / for dense."""
+    kept, total = count_connections(model)
+    if total:
+        return kept / total
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    L.seed_everything(seed, workers=True)
+    data = MNISTDataModule(
+        data_dir=args.data_dir, batch_size=args.batch_size, seed=seed, train_subset=args.train_subset
+    )
+    model = ImageClassifier(args.model, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    callbacks: list[L.Callback] = []
+    if args.method == "scl":
+        callbacks.append(
+            SparseConnectivityLearning(
+                target_density=args.density,
+                ramp_end=args.ramp,
+                freeze_masks_at=args.freeze,
+                mask_lr=args.mask_lr,
+                mask_init=args.mask_init,
+                ste=args.ste,
+                normalize=args.normalize,
+                regularizer=args.regularizer,
+            )
+        )
+    elif args.method == "modelpruning":
+        callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        max_steps=args.max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0 if args.smoke else None,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    fit_seconds = time.perf_counter() - start
+    test = trainer.test(model, data, verbose=False)[0]
+    return {
+        "model": args.model,
+        "method": args.method,
+        "target_density": None if args.method == "dense" else args.density,
+        "density": weight_density(model),
+        "test_acc": test["test/acc"],
+        "test_error_pct": 100 * (1 - test["test/acc"]),
+        "seed": seed,
+        "epochs": args.epochs,
+        "fit_seconds": round(fit_seconds, 1),
+        "config": {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir", "smoke")},
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
+    parser.add_argument("--method", choices=["scl", "modelpruning", "dense"], default="scl")
+    parser.add_argument("--density", type=float, default=0.02, help="target fraction of weights kept")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--ramp", type=float, default=0.6, help="fraction of training over which density ramps down")
+    parser.add_argument("--freeze", type=float, default=None, help="SCL: freeze masks after this fraction")
+    parser.add_argument("--mask-lr", type=float, default=0.01)
+    parser.add_argument("--mask-init", type=float, default=1.0)
+    parser.add_argument("--ste", default="identity")
+    parser.add_argument("--normalize", default="mean_abs")
+    parser.add_argument("--regularizer", default="connections")
+    parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", type=Path, default=RESULTS / "mnist_pruning.jsonl")
+    parser.add_argument("--tag", default="", help="free-form label stored with the result (e.g. an ablation name)")
+    parser.add_argument("--smoke", action="store_true", help="CI: 2 epochs x 3 steps on 512 samples, no output")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.max_steps, args.train_subset = 2, 6, 512
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    torch.set_num_threads(2)
+    for seed in args.seeds:
+        result = run(args, seed)
+        result["tag"] = args.tag
+        line = json.dumps(result)
+        print(line, flush=True)
+        if not args.smoke:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as fh:
+                fh.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

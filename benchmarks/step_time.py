@@ -1,0 +1,142 @@
+"""Training cost: wall time per optimizer step, dense vs SCL vs ModelPruning-style masks, through a real Trainer.
+
+One process, methods interleaved round by round, many steps per round; the first steps of every fit are dropped
+(warm-up). A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, the SCL
+normalization/regularizer/mask update (in ``on_before_optimizer_step``) and the optimizer step, i.e. everything SCL
+adds. Logging is on (``log_every_n_steps=50``) so the metric logging the SCL callback does is counted too.
+
+"modelpruning" installs ``torch.nn.utils.prune`` global L1 masks (the forward-pre-hooks Lightning's ModelPruning
+uses) before the fit, so every timed step pays their steady-state cost.
+
+Usage::
+
+    python benchmarks/step_time.py                 # LeNet-5 (MNIST shape) and ResNet-20 (CIFAR shape), batch 128
+    python benchmarks/step_time.py --smoke         # CI: 2 rounds of 3 steps, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from lightning_scl.models import ImageClassifier
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
+
+
+class StepTimer(L.Callback):
+    def __init__(self, skip: int):
+        self.skip, self.times, self._start = skip, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.skip:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def one_fit(model_name: str, method: str, steps: int, skip: int, batch_size: int) -> list[float]:
+    torch.manual_seed(0)
+    shape = SHAPES[model_name]
+    data = TensorDataset(
+        torch.randn(batch_size * (steps + skip), *shape), torch.randint(0, 10, (batch_size * (steps + skip),))
+    )
+    model = ImageClassifier(model_name, lr=0.05, weight_decay=5e-4)
+    callbacks: list[L.Callback] = [timer := StepTimer(skip)]
+    if method == "scl":
+        callbacks.insert(0, SparseConnectivityLearning(lam=0.1))
+    elif method == "modelpruning":
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps + skip,
+        callbacks=callbacks,
+        logger=L.loggers.CSVLogger(tempfile.gettempdir(), name="scl_step_time"),
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch_size))
+    return timer.times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet20"], choices=sorted(SHAPES))
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per fit")
+    parser.add_argument("--skip", type=int, default=5, help="warm-up steps dropped per fit")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps, args.skip, args.batch_size = 2, 3, 1, 16
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    methods = ["dense", "scl", "modelpruning"]
+    results = {}
+    for model_name in args.models:
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for round_index in range(args.rounds):
+            order = methods[round_index % 3 :] + methods[: round_index % 3]  # rotate to spread drift evenly
+            for method in order:
+                times[method] += one_fit(model_name, method, args.steps, args.skip, args.batch_size)
+        dense = statistics.median(times["dense"])
+        results[model_name] = {
+            method: {
+                "median_ms": 1000 * statistics.median(t),
+                "p10_ms": 1000 * statistics.quantiles(t, n=10)[0],
+                "p90_ms": 1000 * statistics.quantiles(t, n=10)[-1],
+                "steps": len(t),
+                "ratio_to_dense": statistics.median(t) / dense,
+            }
+            for method, t in times.items()
+        }
+    meta = {
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "steps_per_fit": args.steps,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    lines = ["| model | method | median ms/step | p10-p90 ms | steps | x dense |", "|---|---|---:|---:|---:|---:|"]
+    for model_name, per_method in results.items():
+        for method, r in per_method.items():
+            lines.append(
+                f"| {model_name} | {method} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} | "
+                f"{r['steps']} | {r['ratio_to_dense']:.3f} |"
+            )
+    print("\n".join(lines))
+    if not args.smoke:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        args.out.with_suffix(".md").write_text(
+            f"Batch {args.batch_size}, {args.threads} threads, {args.rounds} interleaved rounds x {args.steps} steps "
+            f"per method, torch {torch.__version__}.\n\n" + "\n".join(lines) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
