@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import lightning.pytorch as L
@@ -27,6 +28,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        default_root_dir=tempfile.mkdtemp(prefix="scl_test_"),  # end-of-fit reports must not land in the repo
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)

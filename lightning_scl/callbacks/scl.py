@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
     NORMALIZATIONS,
@@ -96,6 +97,8 @@ class SparseConnectivityLearning(Callback):
         min_density_per_layer: never let a layer keep fewer than this fraction of its mask variables.
         log_every_n_steps: logging period in optimizer steps (default: the Trainer's ``log_every_n_steps``).
         log_per_layer: also log ``scl/density/<layer>`` for every masked layer.
+        report: log ``scl/flops``, ``scl/flops_ratio``, ``scl/params_kept`` and, at the end of ``fit``, print the
+            per-layer table and write ``scl_report.{csv,json}`` and plots into the log directory.
 
     Example:
         >>> import lightning.pytorch as L
@@ -130,6 +133,7 @@ class SparseConnectivityLearning(Callback):
         min_density_per_layer: float = 0.0,
         log_every_n_steps: int | None = None,
         log_per_layer: bool = False,
+        report: bool = True,
     ) -> None:
         super().__init__()
         if lam is not None and target_density is not None:
@@ -194,6 +198,8 @@ class SparseConnectivityLearning(Callback):
         self.min_density_per_layer = float(min_density_per_layer)
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
+        self.report = report
+        self._reporter: SCLReporter | None = None
 
         self._masks: dict[str, ConnectivityMask] = {}
         self._originals: dict[str, nn.Parameter] = {}
@@ -311,6 +317,8 @@ class SparseConnectivityLearning(Callback):
                 "setup/configure_model, create them in LightningModule.__init__, setup or configure_model."
             )
         params = [mask.mask for mask in self._masks.values()]
+        if self.report or self.regularizer == "flops":
+            self._reporter = SCLReporter(pl_module)
         self._mask_optimizer = torch.optim.SGD(params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0)
         if self._pending_state is not None:
             self._load_pending_state()
@@ -437,10 +445,19 @@ class SparseConnectivityLearning(Callback):
         return self._reg_scales
 
     def _layer_macs(self, pl_module: L.LightningModule) -> dict[str, int] | None:
-        accountant = getattr(self, "_accountant", None)
-        if accountant is None:
+        if self._reporter is None:
             return None
-        return accountant.dense_macs_by_layer()
+        return self._reporter.accountant.dense_macs_by_layer()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._reporter is not None:
+            self._reporter.on_train_batch_start(batch)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._reporter is not None and self.report:
+            self._reporter.on_fit_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ the step
 
@@ -526,7 +543,7 @@ class SparseConnectivityLearning(Callback):
                 scales[name] / self._masks[name].connections_per_variable * float(k)
                 for name, k in kept_by_layer.items()
             )
-            self._log_step(pl_module, float(density), float(kept), reg_value, kept_by_layer)
+            self._log_step(pl_module, step, float(density), float(kept), reg_value, kept_by_layer)
 
     def _update_lambda(self, density: float, progress: float, total_steps: float) -> None:
         """Multiplicative control of ``lam`` on the log-density error, looking ahead along the recent trend.
@@ -587,6 +604,7 @@ class SparseConnectivityLearning(Callback):
     def _log_step(
         self,
         pl_module: L.LightningModule,
+        step: int,
         density: float,
         kept: float,
         reg_value: float,
@@ -598,6 +616,8 @@ class SparseConnectivityLearning(Callback):
             "scl/lambda": float(self.lam),
             "scl/reg_loss": reg_value,
         }
+        if self._reporter is not None and self.report:
+            metrics.update(self._reporter.step_metrics(step, kept_by_layer))
         if self.log_per_layer:
             for name, k in kept_by_layer.items():
                 metrics[f"scl/density/{name}"] = float(k) / self._masks[name].numel_connections
