@@ -253,6 +253,19 @@ def test_effective_flops_residual_net_channel_masks_by_hand():
     assert report.totals.effective_flops == total
 
 
+def test_channel_snapshot_follows_mask_changes():
+    net = LeNet5()
+    masks = inject_masks(net, granularity="channel")
+    acc = SparsityAccountant(net, torch.randn(1, 1, 28, 28))
+    assert acc.snapshot().effective_flops == 2_293_000
+    assert acc.snapshot().effective_flops == 2_293_000  # unchanged gates: the cached evaluation
+    switch_off(masks["conv2"], ([0],))  # one channel: its own work and 16 fc1 inputs
+    assert acc.snapshot().effective_flops == 2_293_000 - 8 * 8 * 20 * 25 - 500 * 16
+    with torch.no_grad():
+        masks["conv2"].mask[0] = 0.5  # back on
+    assert acc.snapshot().effective_flops == 2_293_000
+
+
 def test_dead_inputs_propagate_through_depthwise_convolutions():
     net = nn.Sequential(
         nn.Conv2d(2, 4, 1),

@@ -1,4 +1,5 @@
-"""SCLReporter: FLOPs metrics during a real fit, the end-of-fit report, its files and TensorBoard figures."""
+"""SCLReporter inside SparseConnectivityLearning: FLOPs metrics during a real fit, the end-of-fit report, its files
+and TensorBoard figures."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_scl.accounting import sparsity_report
-from lightning_scl.callbacks.reporting import REPORT_FILES, SCLReporter
+from lightning_scl.callbacks.reporting import REPORT_FILES
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
 
 
@@ -60,28 +61,8 @@ class TinyLeNet(L.LightningModule):
 TINY_DENSE = 12 * 12 * 4 * 9 + 4 * 4 * 8 * 4 * 9 + 32 * 16 + 16 * 3
 
 
-class ReportingSCL(SparseConnectivityLearning):
-    """The SCL callback with the reporter wired in at the points the integration will use."""
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self._reporter = SCLReporter(pl_module)
-        self._accountant = self._reporter.accountant
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self._reporter.on_train_batch_start(batch)
-
-    def _log_step(self, pl_module: L.LightningModule, density: float, kept: float, reg_value: float, kept_by_layer):
-        super()._log_step(pl_module, density, kept, reg_value, kept_by_layer)
-        metrics = self._reporter.step_metrics(pl_module.trainer.global_step, kept_by_layer)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.paths = self._reporter.on_fit_end(trainer, pl_module)
-
-
 def fit(tmp_path, model: L.LightningModule, logger: Any = False, max_steps: int = 8, **scl: Any):
-    scl = ReportingSCL(**({"lam": 0.5, "mask_lr": 0.5} | scl))
+    scl = SparseConnectivityLearning(**({"lam": 0.5, "mask_lr": 0.5} | scl))
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=[scl],
@@ -114,16 +95,16 @@ def test_short_fit_logs_metrics_prints_table_and_writes_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("Sparse connectivity") == 1 and "conv2" in out and "Eff. FLOPs" in out
 
-    assert [p.name for p in scl.paths] == list(REPORT_FILES)
-    assert all(p.parent == tmp_path / "run" / "version_0" for p in scl.paths)
-    with scl.paths[0].open() as fh:
+    paths = [tmp_path / "run" / "version_0" / name for name in REPORT_FILES]  # next to the logger's files
+    assert all(p.is_file() for p in paths)
+    with paths[0].open() as fh:
         rows = list(csv.DictReader(fh))
     assert [r["name"] for r in rows] == ["conv1", "conv2", "fc1", "fc2", "total"]
     assert int(rows[-1]["effective_flops"]) == stats.effective_flops
-    data = json.loads(scl.paths[1].read_text())
+    data = json.loads(paths[1].read_text())
     assert [h["step"] for h in data["history"]] == [*range(8), 8]  # plus the final state
     assert data["history"][0]["flops_ratio"] == 1.0 > data["history"][-1]["flops_ratio"]
-    for png in scl.paths[2:]:
+    for png in paths[2:]:
         with Image.open(png) as image:
             image.verify()
             assert image.format == "PNG"
@@ -150,6 +131,12 @@ def test_dense_flops_counted_once_per_fit(tmp_path, monkeypatch):
     assert scl._reg_scales is not None and scl._reg_scales["conv2"] > scl._reg_scales["fc1"]
 
 
+def test_report_false_logs_and_writes_nothing_extra(tmp_path):
+    trainer, scl = fit(tmp_path, TinyLeNet(), max_steps=2, report=False)
+    assert "scl/density" in trainer.logged_metrics and "scl/flops" not in trainer.logged_metrics
+    assert scl._reporter is None and not any((tmp_path / name).exists() for name in REPORT_FILES)
+
+
 def test_example_input_from_first_batch(tmp_path):
     _, scl = fit(tmp_path, TinyLeNet(with_example=False), max_steps=2)
     acc = scl._reporter.accountant
@@ -161,21 +148,21 @@ def test_no_example_input_and_no_usable_batch_still_trains(tmp_path, capsys):
     model = TinyLeNet(with_example=False, dict_batches=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, scl = fit(tmp_path, model, max_steps=4)
+        trainer, _ = fit(tmp_path, model, max_steps=4)
     assert trainer.global_step == 4
     said = [str(w.message) for w in caught if "FLOPs unavailable" in str(w.message)]
     assert len(said) == 1 and "dict" in said[0]  # said once, with the reason
     assert "scl/params_kept" in trainer.logged_metrics and "scl/flops" not in trainer.logged_metrics
     assert "FLOPs: unavailable" in capsys.readouterr().out
-    assert all(p.parent == tmp_path for p in scl.paths)  # no logger: default_root_dir
-    data = json.loads(scl.paths[1].read_text())
+    assert all((tmp_path / name).is_file() for name in REPORT_FILES)  # no logger: default_root_dir
+    data = json.loads((tmp_path / "scl_report.json").read_text())
     assert data["totals"]["dense_flops"] is None and "example_input_array" in data["flops_note"]
     assert data["history"][-1]["flops_ratio"] is None
 
 
 def test_fit_without_batches_still_reports(tmp_path):
     model = TinyLeNet(with_example=False)
-    scl = ReportingSCL(lam=1.0)
+    scl = SparseConnectivityLearning(lam=1.0)
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=0,
