@@ -95,9 +95,8 @@ def _runnable_blocks() -> list:
 @pytest.mark.parametrize("block", _runnable_blocks())
 def test_doc_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # examples write exports, checkpoints and reports into the working directory
-    code = compile(block.code, str(block.path), "exec")
-    # Line numbers in tracebacks point into the Markdown file.
-    code = code.replace(co_firstlineno=block.line + 1)
+    # Padding with the lines above the block makes tracebacks point at the right line of the Markdown file.
+    code = compile("\n" * block.line + block.code, str(block.path), "exec")
     exec(code, {"__name__": "__docs_example__"})
 
 
