@@ -4,8 +4,9 @@ Pure torch + fvcore (no Lightning import).
 
 **FLOPs convention.** Every FLOPs number here is a count of *multiply-accumulates per sample*, as
 :class:`fvcore.nn.FlopCountAnalysis` counts them (one multiply-add = one "flop"; biases, activations and max
-pooling are free; batch norm costs one per element). Tools that count a multiply and an add separately (such as
-``torch.utils.flop_counter``, used by Lightning's model summary) report twice these numbers for conv/linear layers.
+pooling are free; inference batch norm costs one or two per element). Tools that count a multiply and an add
+separately (such as ``torch.utils.flop_counter``, used by Lightning's model summary) report twice these numbers for
+conv/linear layers.
 
 * **Dense FLOPs** come from one fvcore trace of the model on one sample of an example input, computed once and
   cached. A layer's count is what runs inside it (its weighted children excluded); operations outside every

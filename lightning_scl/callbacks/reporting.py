@@ -100,6 +100,7 @@ class SCLReporter:
                 )
         if not self.accountant.has_flops:  # counts (fvcore, once) now rather than inside a logging step
             self._say_unavailable()
+        self.accountant.snapshot()  # builds the bookkeeping (and channel links) here too, for the same reason
 
     def step_metrics(
         self, step: int | None = None, kept_by_layer: Mapping[str, torch.Tensor] | None = None
