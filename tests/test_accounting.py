@@ -19,7 +19,7 @@ from lightning_scl.accounting import (
     plot_layer_density,
     sparsity_report,
 )
-from lightning_scl.masking import inject_masks, strip_masks
+from lightning_scl.masking import inject_masks, iter_masks, strip_masks
 
 
 class LeNet5(nn.Module):
@@ -280,6 +280,65 @@ def test_dead_inputs_propagate_through_depthwise_convolutions():
     # Channel 1 of the depthwise conv is switched on but reads a removed channel: it is not computed either.
     assert rows["2"].effective_flops == 3 * 9 * 9
     assert rows["4"].effective_flops == 3 * 3 * 9
+
+
+class BranchyNet(nn.Module):
+    """Depthwise-separable block with a residual add, a concatenated branch, pooling, flatten and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw = nn.Conv2d(6, 6, 1)
+        self.side = nn.Conv2d(3, 4, 1)
+        self.mix = nn.Conv2d(10, 5, 3, padding=1, groups=5)
+        self.fc = nn.Linear(5 * 4 * 4, 3)
+        self.act = nn.LeakyReLU(0.1)  # injective: a live channel always varies with the input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.act(self.bn(self.stem(x)))
+        h = self.act(self.pw(self.act(self.dw(s)))) + s
+        h = torch.cat([h, self.act(self.side(x))], dim=1)
+        return self.fc(F.max_pool2d(self.act(self.mix(h)), 2).flatten(1))
+
+
+def reference_effective_macs(net: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Black-box reference: an input channel of a layer is live iff it varies across samples."""
+    dense = dense_macs_by_layer(net, x)
+    inputs = {}
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0])) for n, m in layers.items()]
+    with torch.no_grad():
+        net.double().eval()(x.double())
+    for h in hooks:
+        h.remove()
+    gates = {name: mask.gate().reshape(-1) for name, _, mask in iter_masks(net)}
+    out = {}
+    for name, layer in layers.items():
+        t = inputs[name]
+        dim = t.dim() - 1 if isinstance(layer, nn.Linear) else 1
+        t = t.movedim(dim, 0).reshape(t.shape[dim], t.shape[0], -1)
+        live = (t.amax(1) - t.amin(1) > 0).any(1)
+        groups = getattr(layer, "groups", 1)
+        gate = gates.get(name, torch.ones(layer.weight.shape[0], dtype=torch.bool))
+        unit = dense[name] / (gate.numel() * live.numel() / groups)
+        pairs = (gate.view(groups, -1).sum(1) * live.view(groups, -1).sum(1)).sum()
+        out[name] = float(unit * pairs)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_channel_links_match_a_black_box_reference(seed):
+    torch.manual_seed(seed)
+    net = BranchyNet()
+    masks = inject_masks(net, granularity="channel")
+    with torch.no_grad():
+        for mask in masks.values():
+            mask.mask.copy_(torch.where(torch.rand_like(mask.mask) < 0.4, -1.0, 1.0))
+    x = torch.randn(8, 3, 8, 8)
+    rows = {r.name: r.effective_flops for r in sparsity_report(net, x).rows if r.name in masks}
+    assert rows == pytest.approx(reference_effective_macs(net, x))
 
 
 def test_unfollowable_op_falls_back_to_density_scaling():
