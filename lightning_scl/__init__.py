@@ -17,6 +17,7 @@ Example:
     0.05
 """
 
+from lightning_scl.accounting import sparsity_report
 from lightning_scl.activations import apply_elu, restore_activations, swap_activations
 from lightning_scl.callbacks.elu import ELUSwap
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
@@ -49,6 +50,7 @@ __all__ = [
     "load_shrunk",
     "restore_activations",
     "shrink_model",
+    "sparsity_report",
     "strip_masks",
     "swap_activations",
 ]

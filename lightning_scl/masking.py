@@ -266,7 +266,10 @@ def inject_masks(
         module: the root module (its names are used as keys).
         layers: ``(qualified_name, layer)`` pairs to mask; default: every ``Linear`` and ``Conv*`` layer (see
             :func:`lightning_scl.targets.select_layers` for type and name filters).
-        granularity, init, ste, slope: see :class:`ConnectivityMask`.
+        granularity: ``"weight"`` or ``"channel"`` (see :class:`ConnectivityMask`).
+        init: initial mask value ``m0 > 0``.
+        ste: straight-through estimator, one of :data:`STES`.
+        slope: proxy slope below the threshold for ``ste="leaky_relu"``.
 
     Returns:
         All masks under ``module`` by layer name, those that existed before included. Layers that share one weight

@@ -62,7 +62,8 @@ TINY_DENSE = 12 * 12 * 4 * 9 + 4 * 4 * 8 * 4 * 9 + 32 * 16 + 16 * 3
 
 
 def fit(tmp_path, model: L.LightningModule, logger: Any = False, max_steps: int = 8, **scl: Any):
-    scl = SparseConnectivityLearning(**({"lam": 0.5, "mask_lr": 0.5} | scl))
+    defaults = {"lam": 0.5, "mask_lr": 0.5, "report_dir": None if logger else str(tmp_path)}
+    scl = SparseConnectivityLearning(**(defaults | scl))
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=[scl],
@@ -154,7 +155,7 @@ def test_no_example_input_and_no_usable_batch_still_trains(tmp_path, capsys):
     assert len(said) == 1 and "dict" in said[0]  # said once, with the reason
     assert "scl/params_kept" in trainer.logged_metrics and "scl/flops" not in trainer.logged_metrics
     assert "FLOPs: unavailable" in capsys.readouterr().out
-    assert all((tmp_path / name).is_file() for name in REPORT_FILES)  # no logger: default_root_dir
+    assert all((tmp_path / name).is_file() for name in REPORT_FILES)  # no logger: report_dir
     data = json.loads((tmp_path / "scl_report.json").read_text())
     assert data["totals"]["dense_flops"] is None and "example_input_array" in data["flops_note"]
     assert data["history"][-1]["flops_ratio"] is None
@@ -162,7 +163,7 @@ def test_no_example_input_and_no_usable_batch_still_trains(tmp_path, capsys):
 
 def test_fit_without_batches_still_reports(tmp_path):
     model = TinyLeNet(with_example=False)
-    scl = SparseConnectivityLearning(lam=1.0)
+    scl = SparseConnectivityLearning(lam=1.0, report_dir=str(tmp_path))
     trainer = L.Trainer(
         max_epochs=1,
         limit_train_batches=0,

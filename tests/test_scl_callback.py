@@ -440,3 +440,26 @@ def test_training_step_loss_unchanged_by_callback():
     fresh = MLP()
     x, y = next(iter(loader()))
     assert model.losses[0] == pytest.approx(F.cross_entropy(fresh(x), y).item(), abs=1e-6)
+
+
+def test_resume_with_another_layer_selection_is_explained(tmp_path):
+    _checkpointing_fit(tmp_path, 1, lam=0.2)
+    with pytest.raises(ValueError, match=r"written with masks on \['net.0', 'net.2', 'head'\].*use the layer_types"):
+        _checkpointing_fit(tmp_path / "b", 2, ckpt_path=str(tmp_path / "last.ckpt"), lam=0.2, exclude=["head"])
+
+
+def test_resume_from_a_dense_checkpoint_is_explained(tmp_path):
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(MLP(), loader())
+    (dense_ckpt,) = tmp_path.glob("**/*.ckpt")
+    with pytest.raises(ValueError, match="no connectivity masks.*load_from_checkpoint"):
+        _checkpointing_fit(tmp_path / "b", 2, ckpt_path=str(dense_ckpt), lam=0.2)
+
+
+def test_report_files_follow_the_logger_or_report_dir(tmp_path):
+    torch.manual_seed(0)
+    fit(MLP(), [SparseConnectivityLearning(lam=0.2)], max_steps=2, default_root_dir=tmp_path / "root")
+    assert not list((tmp_path / "root").glob("scl_report*"))  # no logger: table only, no stray files
+    fit(MLP(), [SparseConnectivityLearning(lam=0.2, report_dir=str(tmp_path / "rep"))], max_steps=2)
+    assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"scl_report.csv", "scl_report.json"}

@@ -131,13 +131,17 @@ class SCLReporter:
             self._say_unavailable()
         return metrics
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
-        """Print the report table and write CSV, JSON and PNG plots into the log directory (rank zero).
+    def on_fit_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: str | Path | None = None
+    ) -> list[Path]:
+        """Print the report table and write CSV, JSON and PNG plots (rank zero).
 
+        Files go to ``out_dir`` when given, else to the logger's directory; with no logger and no ``out_dir`` only
+        the table is printed (a run with ``logger=False`` should not scatter files into the working directory).
         Call on every rank (the log directory is agreed on collectively). Figures also go to every attached
         TensorBoard logger. Returns the written paths (empty on other ranks).
         """
-        log_dir = trainer.log_dir or trainer.default_root_dir  # collective: every rank must ask
+        log_dir = trainer.log_dir if trainer.loggers else None  # collective: every rank must ask
         if not trainer.is_global_zero:
             return []
         report = self.accountant.report()
@@ -146,7 +150,13 @@ class SCLReporter:
             totals = report.totals
             history.append({"step": trainer.global_step, "density": totals.density, "flops_ratio": totals.flops_ratio})
         report.print()
-        out = Path(log_dir)
+        if out_dir is None and log_dir is None:
+            rank_zero_info(
+                "SparseConnectivityLearning: no logger, so the report files were not written; attach a logger or "
+                "pass report_dir=... to keep scl_report.csv/json and the plots."
+            )
+            return []
+        out = Path(out_dir if out_dir is not None else log_dir)
         out.mkdir(parents=True, exist_ok=True)
         csv_path, json_path, density_path, history_path = (out / name for name in REPORT_FILES)
         report.to_csv(csv_path)

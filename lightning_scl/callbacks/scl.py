@@ -99,6 +99,8 @@ class SparseConnectivityLearning(Callback):
         log_per_layer: also log ``scl/density/<layer>`` for every masked layer.
         report: log ``scl/flops``, ``scl/flops_ratio``, ``scl/params_kept`` and, at the end of ``fit``, print the
             per-layer table and write ``scl_report.{csv,json}`` and plots into the log directory.
+        report_dir: where the end-of-fit report files go (default: the logger's directory; with no logger, only
+            the table is printed).
 
     Example:
         >>> import lightning.pytorch as L
@@ -134,6 +136,7 @@ class SparseConnectivityLearning(Callback):
         log_every_n_steps: int | None = None,
         log_per_layer: bool = False,
         report: bool = True,
+        report_dir: str | None = None,
     ) -> None:
         super().__init__()
         if lam is not None and target_density is not None:
@@ -199,6 +202,7 @@ class SparseConnectivityLearning(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.log_per_layer = log_per_layer
         self.report = report
+        self.report_dir = report_dir
         self._reporter: SCLReporter | None = None
 
         self._masks: dict[str, ConnectivityMask] = {}
@@ -259,15 +263,18 @@ class SparseConnectivityLearning(Callback):
                     f"granularity={self.granularity!r}. Use the granularity the model was trained with."
                 )
 
-    def _wrap_method(self, pl_module: L.LightningModule, name: str, after: Any) -> None:
+    def _wrap_method(self, pl_module: L.LightningModule, name: str, after: Any = None, before: Any = None) -> None:
+        """Run ``before(*args)`` / ``after(result)`` around ``pl_module.<name>`` until teardown."""
         if name in self._wrapped:
             return
         original = getattr(pl_module, name)
         had_instance_attr = name in vars(pl_module)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before(*args, **kwargs)
             result = original(*args, **kwargs)
-            return after(result)
+            return after(result) if after is not None else result
 
         wrapper.__wrapped__ = original  # type: ignore[attr-defined]  # keeps is_overridden() truthful
         setattr(pl_module, name, wrapper)
@@ -294,9 +301,30 @@ class SparseConnectivityLearning(Callback):
                 self._inject(pl_module)
                 return result
 
-            self._wrap_method(pl_module, "configure_model", after_configure_model)
+            self._wrap_method(pl_module, "configure_model", after=after_configure_model)
         if stage == "fit":
-            self._wrap_method(pl_module, "configure_optimizers", self._remove_masks_from_user_optimizers)
+            self._wrap_method(pl_module, "configure_optimizers", after=self._remove_masks_from_user_optimizers)
+        # LightningModule.on_load_checkpoint runs just before the strict state_dict load of `ckpt_path=`: check the
+        # checkpoint's masks there, where a mismatch can still be explained instead of listed as missing keys.
+        self._wrap_method(pl_module, "on_load_checkpoint", before=self._check_checkpoint_masks)
+
+    def _check_checkpoint_masks(self, checkpoint: dict[str, Any]) -> None:
+        record = (checkpoint.get(CHECKPOINT_KEY) or {}).get("scl")
+        if record is None:
+            if not any(".parametrizations." in key for key in checkpoint.get("state_dict", {})):
+                raise ValueError(
+                    "The checkpoint has no connectivity masks: it was written without SparseConnectivityLearning. "
+                    "To prune a trained model, load its weights (Model.load_from_checkpoint(...)) and call "
+                    "trainer.fit(model) without ckpt_path."
+                )
+            return
+        if list(record["layers"]) != list(self._masks) or record["granularity"] != self.granularity:
+            raise ValueError(
+                f"The checkpoint was written with masks on {list(record['layers'])} (granularity "
+                f"{record['granularity']!r}) but this callback masks {list(self._masks)} (granularity "
+                f"{self.granularity!r}): use the layer_types/include/exclude and granularity of the run that wrote "
+                "it, or start a new run without ckpt_path."
+            )
 
     def _remove_masks_from_user_optimizers(self, result: Any) -> Any:
         mask_ids = {id(mask.mask) for mask in self._masks.values()}
@@ -457,7 +485,7 @@ class SparseConnectivityLearning(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._reporter is not None and self.report:
-            self._reporter.on_fit_end(trainer, pl_module)
+            self._reporter.on_fit_end(trainer, pl_module, self.report_dir)
 
     # ------------------------------------------------------------------ the step
 
