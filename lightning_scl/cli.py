@@ -23,16 +23,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as L
 import torch
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lightning_scl.models import ImageClassifier
@@ -60,10 +62,20 @@ _FALLBACK_SUFFIXES = {
     "onnx_shrunk": ".shrunk.onnx",
 }
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: The recipes of a source checkout (absent from an installed wheel).
+_RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 
 
 class CommandError(Exception):
     """A misuse or bad input of ``export``/``report``/``demo``: printed as one message, exit status 2."""
+
+
+class _ConfigError(ValueError):
+    """A ``ValueError`` raised while the configured classes are built (a callback argument out of range, say).
+
+    ``main`` prints it as one line with exit status 2: the message already names the argument and its range, and a
+    traceback through jsonargparse only hides it. A ``ValueError``, so callers of :class:`SCLCLI` catch it as before.
+    """
 
 
 # ---------------------------------------------------------------------------------------------------- LightningCLI
@@ -84,6 +96,53 @@ def _data_attribute(name: str) -> Callable[[Any], Any]:
 
     read.__name__ = f"data_{name}"
     return read
+
+
+def _root_message(err: ValueError) -> str:
+    """The message of the ``ValueError`` at the root of ``err``'s ``raise ... from`` chain, with its class's name.
+
+    jsonargparse re-raises a class's ``ValueError`` inside a many-line "Does not validate against any of the Union
+    subtypes" report; the root is the class's own message (``target_density must be in (0, 1] ..., got 2.0``).
+    """
+    while isinstance(err.__cause__, ValueError):
+        err = err.__cause__
+    tb = err.__traceback__
+    while tb is not None:  # the outermost __init__ below the parser is the configured class that refused a value
+        frame = tb.tb_frame
+        if (
+            frame.f_code.co_name == "__init__"
+            and "self" in frame.f_locals
+            and not str(frame.f_globals.get("__name__")).startswith("jsonargparse")
+        ):
+            return f"{type(frame.f_locals['self']).__name__}: {err}"
+        tb = tb.tb_next
+    return str(err)
+
+
+# jsonargparse's message for an unknown option of a class given by class_path, e.g. a callback's init_args typo.
+_NOT_ACCEPTED = re.compile(
+    r"Parser key \"(?P<key>[\w.]+)\":.*?Problem with given class_path '(?P<class_path>[\w.]+)':\s*"
+    r"Option '[^']+' is not accepted",
+    re.DOTALL,
+)
+
+
+class _SCLArgumentParser(LightningArgumentParser):
+    """A ``LightningArgumentParser`` whose errors say where a class's options are listed.
+
+    jsonargparse's tip points at ``fit --help``, which lists no callback's options; ``--<key>.help <class>`` does.
+    """
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        found = _NOT_ACCEPTED.search(message)
+        if found:
+            parser = getattr(ex, "subcommand_parser", None) or self  # the subcommand's prog: 'lightning-scl fit'
+            prog = parser.prog.replace(" [options]", "")
+            message += (
+                f"\nsee the options of {found['class_path'].rpartition('.')[2]} with: "
+                f"{prog} --{found['key']}.help {found['class_path']}"
+            )
+        super().error(message, ex)
 
 
 class SCLCLI(LightningCLI):
@@ -108,7 +167,15 @@ class SCLCLI(LightningCLI):
         # plain hyper_parameters (no "_instantiator" key): export/report rebuild the model with cls(**hparams)
         kwargs.setdefault("load_from_checkpoint_support", False)
         kwargs.setdefault("parser_kwargs", {"prog": PROG})
+        kwargs.setdefault("parser_class", _SCLArgumentParser)
         super().__init__(ImageClassifier, L.LightningDataModule, args=args, run=run, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """Build the configured classes; their argument checks' ``ValueError`` becomes :class:`_ConfigError`."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise _ConfigError(_root_message(err)) from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the data module's ``num_classes`` and ``input_shape`` to the model's."""
@@ -152,7 +219,10 @@ def _require(module: str, names: Sequence[str], command: str) -> list[Any]:
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint as a dict, with errors a user can act on; LightningCLI's private hparams dropped."""
     if not path.exists():
-        raise CommandError(f"checkpoint {str(path)!r} does not exist")
+        raise CommandError(
+            f"checkpoint {str(path)!r} does not exist: give the .ckpt file the run wrote (ModelCheckpoint's dirpath, "
+            f"by default <log dir>/checkpoints/){_checkpoints_near(path.parent)}"
+        )
     if path.is_dir():
         raise CommandError(f"{str(path)!r} is a directory: give the .ckpt file inside it")
     try:
@@ -169,6 +239,19 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         # LightningCLI(load_from_checkpoint_support=True) adds "_instantiator"/"_class_path": not constructor args
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
     return checkpoint
+
+
+def _checkpoints_near(folder: Path, limit: int = 5) -> str:
+    """``"; found: 'a.ckpt', ..."`` for checkpoints in ``folder`` or its ``[*/]checkpoints/``; ``""`` for none."""
+    if not folder.is_dir():
+        return ""
+    found: list[Path] = []
+    for pattern in ("*.ckpt", "checkpoints/*.ckpt", "*/checkpoints/*.ckpt"):  # the run folder, its log dir
+        found += sorted(folder.glob(pattern))
+    if not found:
+        return ""
+    more = f" ... ({len(found)} in all)" if len(found) > limit else ""
+    return "; found: " + ", ".join(repr(str(p)) for p in found[:limit]) + more
 
 
 def _model_class(option: str) -> Any:
@@ -458,6 +541,13 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: %(default)s)"
     )
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=1,
+        help="CPU threads of torch (default: %(default)s: LeNet-300-100's small matrix products gain little from more, "
+        "and one thread stays fast on a busy machine, where several threads contend; 0 keeps torch's default)",
+    )
     parser.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar (logs, CI)")
     return parser
 
@@ -475,6 +565,8 @@ def _check_demo_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.train_subset is not None and args.train_subset < 1:
         raise CommandError(f"--train-subset must be >= 1, got {args.train_subset}")
+    if args.num_threads < 0:
+        raise CommandError(f"--num-threads must be >= 0 (0: torch's default), got {args.num_threads}")
 
 
 def run_demo(
@@ -488,8 +580,35 @@ def run_demo(
     train_subset: int | None = None,
     accelerator: str = "auto",
     progress_bar: bool = True,
+    num_threads: int = 1,
 ) -> DemoResult:
-    """Train LeNet-300-100 with SCL on MNIST, test, report and export; what ``lightning-scl demo`` runs."""
+    """Train LeNet-300-100 with SCL on MNIST, test, report and export; what ``lightning-scl demo`` runs.
+
+    ``num_threads`` sets torch's CPU threads for the run (0 leaves them alone); the previous value is restored.
+    """
+    previous_threads = torch.get_num_threads()
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        return _run_demo(
+            epochs, target_density, data_dir, out_dir, lr, batch_size, seed, train_subset, accelerator, progress_bar
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(
+    epochs: int,
+    target_density: float,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    train_subset: int | None,
+    accelerator: str,
+    progress_bar: bool,
+) -> DemoResult:
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -571,6 +690,7 @@ def demo_command(argv: Sequence[str]) -> int:
         train_subset=args.train_subset,
         accelerator=args.accelerator,
         progress_bar=not args.no_progress_bar,
+        num_threads=args.num_threads,
     )
     print()
     print("LeNet-300-100 on MNIST with SparseConnectivityLearning")
@@ -620,11 +740,42 @@ def usage() -> str:
     )
 
 
+def _config_values(args: Sequence[str]) -> list[str]:
+    """The values of ``--config``/``-c`` in ``args`` (``--config x``, ``--config=x``, ``-c x``, ``-c=x``)."""
+    values = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(("--config=", "-c=")):
+            values.append(arg.partition("=")[2])
+    return values
+
+
+def _check_config_files(args: Sequence[str]) -> None:
+    """Name a missing ``--config`` file and where the recipes are, before LightningCLI's usage dump."""
+    for value in _config_values(args):
+        try:
+            inline = not isinstance(yaml.safe_load(value), str)  # jsonargparse reads a YAML mapping as the config
+        except yaml.YAMLError:
+            inline = True  # not a path either: jsonargparse reports it
+        if inline or "://" in value or Path(value).exists():
+            continue  # an inline config, a URL or an existing path: jsonargparse's to read or to reject
+        recipes = sorted(p.name for p in _RECIPES.glob("*.yaml"))
+        if not recipes:
+            where = "examples/recipes/ of the lightning-scl repository"
+        elif Path("examples/recipes").resolve() == _RECIPES:
+            where = f"examples/recipes/ ({', '.join(recipes)})"
+        else:  # run from elsewhere: the folder's full path
+            where = f"examples/recipes/, here {str(_RECIPES)!r} ({', '.join(recipes)})"
+        raise CommandError(f"recipe {value!r} does not exist; the recipes ship in {where}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-scl`` console script; returns the exit status.
 
     ``export``, ``report`` and ``demo`` report misuse and bad input in one line on stderr with status 2;
-    everything else goes to LightningCLI (:class:`SCLCLI`).
+    everything else goes to LightningCLI (:class:`SCLCLI`), where a missing ``--config`` file and an invalid
+    argument value of a configured class get the same one-line error.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -637,7 +788,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = _COMMANDS.get(args[0])
     if command is None:
-        run_lightning_cli(None if argv is None else args)
+        try:
+            _check_config_files(args)
+            run_lightning_cli(None if argv is None else args)
+        except (CommandError, _ConfigError) as err:
+            prog = f"{PROG} {args[0]}" if args[0] in _LIGHTNING_SUBCOMMANDS else PROG
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     try:
         return command(args[1:])
