@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def _missing(module: str, *names: str) -> str | None:
 
 MISSING_EXPORT = _missing("lightning_scl.export", "export_pruned", "load_masked_checkpoint")
 MISSING_REPORT = _missing("lightning_scl.accounting", "sparsity_report", "plot_layer_density")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: about as fast for these small runs, and 5x faster when the machine's cores are busy (2 threads
+    contending with other processes spin and wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -152,9 +163,11 @@ def test_report_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
 
 @pytest.mark.xfail(MISSING_REPORT or MISSING_EXPORT, reason=str(MISSING_REPORT or MISSING_EXPORT), strict=True)
 def test_demo(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["demo", "--epochs=1", "--train-subset=1024", "--target-density=0.3", "--accelerator=cpu"]
+    args = ["demo", "--epochs=1", "--train-subset=1024", "--target-density=0.3", "--accelerator=cpu", "--num-threads=2"]
+    threads = torch.get_num_threads()
     status = main([*args, f"--data-dir={data_dir}", f"--out-dir={tmp_path}", "--no-progress-bar"])
     assert status == 0
+    assert torch.get_num_threads() == threads  # the demo's --num-threads is undone afterwards
     printed = capsys.readouterr().out
     for label in ("test accuracy", "density", "compression", "FLOPs reduction", "export safetensors"):
         assert label in printed
@@ -193,6 +206,7 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         ("export", str(plain), "--input-shape", "1,a"): "--input-shape",
         ("demo", "--epochs", "0"): "--epochs must be >= 1",
         ("demo", "--target-density", "1.5"): "--target-density",
+        ("demo", "--num-threads", "-1"): "--num-threads",
     }
     if MISSING_EXPORT is None:
         cases[("export", str(plain))] = "no connectivity masks"
