@@ -46,7 +46,7 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_scl.masking import ConnectivityMask, inject_masks, iter_masks
+from lightning_scl.export import _load_checkpoint_file, _rebuild_from_checkpoint
+from lightning_scl.masking import ConnectivityMask, iter_masks
 
 __all__ = [
     "FLOPS_UNIT",
@@ -894,6 +895,7 @@ class SparsityAccountant:
         """Rebuild the layer bookkeeping after masks were injected or removed (dense FLOPs stay cached).
 
         Example:
+            >>> from lightning_scl.masking import inject_masks
             >>> net = nn.Linear(3, 2)
             >>> acc = SparsityAccountant(net)
             >>> acc.snapshot().connections_total
@@ -1055,6 +1057,7 @@ class SparsityAccountant:
                 callback's per-step counts); missing layers are counted here.
 
         Example:
+            >>> from lightning_scl.masking import inject_masks
             >>> net = nn.Linear(3, 2)
             >>> _ = inject_masks(net, layers=[("", net)])
             >>> SparsityAccountant(net).snapshot(kept_by_layer={"": torch.tensor(3)}).density
@@ -1163,29 +1166,10 @@ def _report_from_state_dict(state_dict: Mapping[str, torch.Tensor], note: str) -
     return SparsityReport(rows=rows, totals=totals, flops_note=note)
 
 
-def _model_from_checkpoint(checkpoint: Mapping[str, Any], model_class: type[nn.Module]) -> nn.Module:
-    state_dict = checkpoint["state_dict"]
-    model = model_class(**dict(checkpoint.get("hyper_parameters") or {}))
-    record = (checkpoint.get("lightning_scl") or {}).get("scl") or {}
-    layers = [key[: -len(_MASK_SUFFIX)] for key in state_dict if key.endswith(_MASK_SUFFIX)]
-    for name in layers:
-        original = state_dict[f"{name}{_ORIGINAL_SUFFIX}"]
-        granularity = "weight" if state_dict[f"{name}{_MASK_SUFFIX}"].shape == original.shape else "channel"
-        inject_masks(
-            model,
-            [(name, model.get_submodule(name))],
-            granularity=record.get("granularity", granularity) if record.get("layers") else granularity,
-            ste=record.get("ste", "identity"),
-            slope=record.get("ste_slope", 0.1),
-        )
-    model.load_state_dict(state_dict)
-    return model
-
-
 def sparsity_report(
     model_or_checkpoint: nn.Module | str | Path,
     example_input: Any = None,
-    model_class: type[nn.Module] | None = None,
+    model_class: type[nn.Module] | nn.Module | Callable[[], nn.Module] | None = None,
 ) -> SparsityReport:
     """Sparsity report of a model or of a Lightning checkpoint (``.ckpt``) written during SCL training.
 
@@ -1194,7 +1178,8 @@ def sparsity_report(
         example_input: what ``forward`` takes (a batch; its first sample is used). Default for a LightningModule:
             its ``example_input_array``. Without one the report holds counts only.
         model_class: for a checkpoint: the class to rebuild the model from (``model_class(**hyper_parameters)``,
-            masks injected where the checkpoint has them, weights loaded): needed for FLOPs. Without it, params,
+            masks injected where the checkpoint has them, weights loaded; or a factory or an instance, as for
+            :func:`~lightning_scl.export.load_masked_checkpoint`): needed for FLOPs. Without it, params,
             kept connections and density come from the tensors alone (layer types unknown: ``"?"``).
 
     Example:
@@ -1206,14 +1191,15 @@ def sparsity_report(
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
     else:
-        checkpoint = torch.load(model_or_checkpoint, map_location="cpu", weights_only=True)
+        # export's loader: one place names an unreadable file, mismatched keys and their fixes
+        checkpoint = _load_checkpoint_file(Path(model_or_checkpoint), accepts_model=True, accepts_dict=False)
         if "state_dict" not in checkpoint:
             raise ValueError(f"{str(model_or_checkpoint)!r} has no 'state_dict': not a Lightning checkpoint")
         if model_class is None:
             return _report_from_state_dict(
                 checkpoint["state_dict"], "FLOPs need the model: pass model_class (and example_input)"
             )
-        model = _model_from_checkpoint(checkpoint, model_class)
+        model = _rebuild_from_checkpoint(checkpoint, model_class)
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
     return SparsityAccountant(model, example_input).report()

@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -105,7 +106,9 @@ def _check_writable(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise FileNotFoundError(
-            errno.ENOENT, f"Cannot export to {str(path)!r}: directory {str(parent)!r} does not exist"
+            errno.ENOENT,
+            f"Cannot export to {str(path)!r}: directory {str(parent)!r} does not exist; create it first "
+            f"(mkdir -p {shlex.quote(str(parent))}) or export to an existing folder",
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(
@@ -177,16 +180,28 @@ def _fold(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return plain, gates
 
 
-def _load_checkpoint_file(path: Path) -> dict[str, Any]:
+def _load_checkpoint_file(path: Path, accepts_model: bool = False, accepts_dict: bool = True) -> dict[str, Any]:
+    """The checkpoint dict at ``path`` (``weights_only=True``); errors name the file and what to pass instead.
+
+    ``accepts_model``/``accepts_dict``: what else the caller takes, offered in the message (a loaded dict lets a user
+    load a trusted pickled checkpoint by hand).
+    """
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, f"Checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in several types
+    except Exception as err:  # unpickling errors come in several types (KeyError on a text file, say)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's are long
+        reason = f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+        model = ", or the model itself" if accepts_model else ""
+        manual = (
+            " If it holds pickled Python objects and you trust it, pass torch.load(path, weights_only=False) instead."
+            if accepts_dict
+            else ""
+        )
         raise ValueError(
-            f"Could not load checkpoint {str(path)!r} with torch.load(weights_only=True): {err}\n"
-            "If it holds pickled Python objects and you trust it, load it yourself with "
-            "torch.load(path, weights_only=False) and pass the resulting dict."
+            f"{str(path)!r} is not a checkpoint torch.load(weights_only=True) can read ({reason}): pass the .ckpt "
+            f"file the Trainer wrote (<log dir>/checkpoints/){model}.{manual}"
         ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"Checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, not a dict")
@@ -248,17 +263,28 @@ def load_masked_checkpoint(
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         checkpoint = _load_checkpoint_file(Path(checkpoint))
-    state_dict = _checkpoint_state_dict(checkpoint)
-    masked = _masked_prefixes(state_dict)
-    if not masked:
+    if not _masked_prefixes(_checkpoint_state_dict(checkpoint)):
         raise ValueError(
             "The checkpoint holds no connectivity masks (no '<layer>.parametrizations.weight.0.mask' entries): it was "
             "not written during SparseConnectivityLearning training. Export a masked model or such a checkpoint."
         )
+    return _rebuild_from_checkpoint(checkpoint, model_class)
+
+
+def _rebuild_from_checkpoint(checkpoint: Mapping[str, Any], model_class: Any) -> nn.Module:
+    """``model_class`` built from the checkpoint, masks injected where it has them, its state loaded strictly.
+
+    The one loader of :func:`load_masked_checkpoint` and :func:`lightning_scl.accounting.sparsity_report` (which also
+    takes checkpoints without masks), so both name mismatched keys and the fix alike.
+    """
+    state_dict = _checkpoint_state_dict(checkpoint)
     model = _instantiate(model_class, checkpoint)
     record = checkpoint.get(_META_KEY, {}).get("scl", {}) if isinstance(checkpoint.get(_META_KEY), Mapping) else {}
+    # Equal mask and weight shapes mean weight granularity, except for a channel mask on a single-input unit
+    # (Linear(1, n), 1x1 conv on one channel): there the run's recorded granularity decides.
+    recorded = record.get("granularity") if record.get("layers") else None
     by_granularity: dict[str, list[tuple[str, nn.Module]]] = {"weight": [], "channel": []}
-    for key, (original_key, mask_key) in masked.items():
+    for key, (original_key, mask_key) in _masked_prefixes(state_dict).items():
         layer_name, _, tensor = key.rpartition(".")
         if tensor != "weight" or mask_key not in state_dict:
             continue
@@ -269,7 +295,8 @@ def load_masked_checkpoint(
         if not isinstance(getattr(layer, "weight", None), torch.Tensor):
             continue
         same = tuple(state_dict[mask_key].shape) == tuple(state_dict[original_key].shape)
-        by_granularity["weight" if same else "channel"].append((layer_name, layer))
+        granularity = (recorded if recorded in by_granularity else "weight") if same else "channel"
+        by_granularity[granularity].append((layer_name, layer))
     for granularity, layers in by_granularity.items():
         if layers:
             inject_masks(
@@ -283,7 +310,10 @@ def load_masked_checkpoint(
     expected = model.state_dict()
     problem = _describe_mismatch(expected, state_dict, f"{type(model).__name__}")
     if problem:
-        raise ValueError(f"The checkpoint does not match {type(model).__name__}: {problem}")
+        raise ValueError(
+            f"The checkpoint does not match {type(model).__name__}: {problem}. Pass the model class (or a factory or "
+            "instance) the checkpoint was trained with; it is built with the checkpoint's hyper_parameters."
+        )
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -441,8 +471,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
     except Exception as err:  # SafetensorError, OSError on truncation...
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file (corrupted or truncated?): {err}") from err
+        raise ValueError(
+            f"{str(path)!r} is not a readable safetensors file (corrupted or truncated?): {err}. Check that the copy "
+            "is complete (compare file sizes), or export it again."
+        ) from err
     return tensors, metadata
+
+
+#: The fix for a corrupted export: its bytes cannot be repaired, only written or copied again.
+_REDO = "Export it again from the checkpoint or the trained model, or copy it again if it was transferred."
 
 
 def load_pruned(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -477,19 +514,19 @@ def load_pruned(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors, metadata = _read_safetensors(path)
     if _META_KEY not in metadata:
         if any(k.startswith(_BITS_PREFIX) for k in tensors):
-            raise ValueError(f"{str(path)!r} holds packed masks but no lightning_scl metadata: corrupted file")
+            raise ValueError(f"{str(path)!r} holds packed masks but no lightning_scl metadata: corrupted file. {_REDO}")
         return tensors  # a safetensors file from elsewhere
     try:
         meta = json.loads(metadata[_META_KEY])
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r}: unreadable lightning_scl metadata (corrupted file): {err}") from err
+        raise ValueError(f"{str(path)!r}: unreadable lightning_scl metadata (corrupted file): {err}. {_REDO}") from err
     if meta.get("format") != _COMPRESSED_FORMAT:
         order = [k for k in meta.get("order", []) if k in tensors]
         return {k: tensors[k] for k in order + sorted(set(tensors) - set(order))}
     if int(meta.get("version", 0)) > _VERSION:
         raise ValueError(f"{str(path)!r} was written by a newer lightning_scl (format version {meta['version']})")
     if _checksum(tensors) != meta.get("sha256"):
-        raise ValueError(f"{str(path)!r} is corrupted: its checksum does not match the stored one")
+        raise ValueError(f"{str(path)!r} is corrupted: its checksum does not match the stored one. {_REDO}")
     out: dict[str, torch.Tensor] = {}
     for key in meta["order"]:
         if key in meta["masked"]:
@@ -498,7 +535,7 @@ def load_pruned(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             gate = _unpack_bits(tensors[_BITS_PREFIX + key], mask_shape.numel()).view(mask_shape).expand(shape)
             values = tensors[_VALUES_PREFIX + key]
             if int(gate.sum()) != values.numel():
-                raise ValueError(f"{str(path)!r} is corrupted: mask and kept values of {key!r} disagree")
+                raise ValueError(f"{str(path)!r} is corrupted: mask and kept values of {key!r} disagree. {_REDO}")
             dense = torch.zeros(shape, dtype=values.dtype)
             dense[gate] = values
             out[key] = dense.to(getattr(torch, info["dtype"]))
@@ -1143,7 +1180,7 @@ def export_pruned(
         state_dict = module.state_dict()
     else:
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
-            checkpoint = _load_checkpoint_file(Path(model_or_checkpoint))
+            checkpoint = _load_checkpoint_file(Path(model_or_checkpoint), accepts_model=True)
         elif isinstance(model_or_checkpoint, Mapping):
             checkpoint = model_or_checkpoint
         else:
