@@ -460,7 +460,14 @@ def fetch_idx_dataset(
             f"{spec.name}: {len(missing)} file(s) missing and download=False.\n"
             f"Expected {', '.join(missing)} in {raw}; pass download=True or fetch them manually."
         )
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # data_dir (or a folder in it) is a file, read-only...: say which argument to change
+        message = (
+            f"{spec.name}: cannot create {str(raw)!r} ({err.strerror or err}): data_dir {str(root)!r} must be a "
+            "folder you can write to; pass another data_dir."
+        )
+        raise (type(err)(message) if err.errno is None else type(err)(err.errno, message)) from err
     attempts: list[tuple[str, str]] = []
     for source in SOURCES[spec.name] if sources is None else sources:
         # stage on the same file system so os.replace is atomic: concurrent runs never see partial files
