@@ -95,16 +95,16 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, ste: str, slope: float) -> torch.Tensor:  # type: ignore[override]
-        gate = (mask > 0).to(weight.dtype)
+        gate = mask > 0  # a bool gate and where(): one pass less than casting the gate and multiplying
         ctx.save_for_backward(weight, mask, gate)
         ctx.ste = ste
         ctx.slope = slope
-        return weight * gate
+        return torch.where(gate, weight, 0.0)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         weight, mask, gate = ctx.saved_tensors
-        grad_weight = grad_out * gate if ctx.needs_input_grad[0] else None
+        grad_weight = torch.where(gate, grad_out, 0.0) if ctx.needs_input_grad[0] else None
         grad_mask = None
         if ctx.needs_input_grad[1]:
             grad_mask = grad_out * weight
@@ -129,7 +129,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor, ste: str = "identity
         >>> m = torch.tensor([[0.5, -0.5]], requires_grad=True)
         >>> out = masked_weight(w, m)
         >>> out
-        tensor([[1., -0.]], grad_fn=<_MaskedWeightBackward>)
+        tensor([[1., 0.]], grad_fn=<_MaskedWeightBackward>)
         >>> out.sum().backward()
         >>> m.grad, w.grad  # m.grad = dL/dW_eff * W; the switched-off weight gets no gradient
         (tensor([[ 1., -2.]]), tensor([[1., 0.]]))
@@ -371,8 +371,7 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if mask_key not in state_dict:
             raise KeyError(f"{key!r} has no mask entry {mask_key!r}: not a lightning_scl masked state_dict")
         mask_keys.add(mask_key)
-        gate = state_dict[mask_key] > 0
-        folded[prefix] = (f"{prefix}{tensor}", value * gate.to(value.dtype))
+        folded[prefix] = (f"{prefix}{tensor}", torch.where(state_dict[mask_key] > 0, value, 0.0))
     # A plain module lists its weight before its bias: emit each folded weight where its layer's keys start.
     out: dict[str, torch.Tensor] = {}
     pending = dict(folded)

@@ -213,6 +213,7 @@ class SparseConnectivityLearning(Callback):
         self._reg_scales: dict[str, float] | None = None
         self._frozen = False
         self._weight_snapshot: list[tuple[torch.Tensor, torch.Tensor, ConnectivityMask]] | None = None
+        self._decayed_originals: list[str] | None = None
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
         self.steps_skipped_nonfinite = 0
@@ -345,6 +346,7 @@ class SparseConnectivityLearning(Callback):
                 "setup/configure_model, create them in LightningModule.__init__, setup or configure_model."
             )
         params = [mask.mask for mask in self._masks.values()]
+        self._decayed_originals = None
         if self.report or self.regularizer == "flops":
             self._reporter = SCLReporter(pl_module)
         self._mask_optimizer = torch.optim.SGD(params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0)
@@ -512,9 +514,7 @@ class SparseConnectivityLearning(Callback):
             self._mask_optimizer.zero_grad(set_to_none=True)
             return
         scale = self._gradient_scale(trainer)
-        present = [g for g in grads if g is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
-        if not bool(finite):
+        if not self._all_finite(grads):
             self.steps_skipped_nonfinite += 1
             if "nonfinite" not in self._warned:
                 self._warned.add("nonfinite")
@@ -526,22 +526,24 @@ class SparseConnectivityLearning(Callback):
             return
 
         scales = self._scales(pl_module)
-        kept_by_layer = {}
-        for name, mask in self._masks.items():
+        for mask in self._masks.values():
             grad = mask.mask.grad
             if grad is None:
                 grad = mask.mask.grad = torch.zeros_like(mask.mask)
             elif scale != 1.0:
                 grad.div_(scale)
             normalize_mask_gradient_(grad, mask.feature_dim, self.normalize, per_feature=self.granularity == "weight")
-            kept_by_layer[name] = mask.kept_tensor()
-        kept = torch.stack(list(kept_by_layer.values())).sum()
-        total = sum(mask.numel_connections for mask in self._masks.values())
-        density = kept.double() / total
+        step = trainer.global_step
+        log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
+        # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
+        kept_by_layer: dict[str, torch.Tensor] = {}
+        if self.target_density is not None or log_now:
+            kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
+            kept = torch.stack(list(kept_by_layer.values())).sum()
+            density = float(kept) / sum(mask.numel_connections for mask in self._masks.values())
         if self.target_density is not None:
-            self._update_lambda(float(density), self._progress(trainer), trainer.estimated_stepping_batches)
+            self._update_lambda(density, self._progress(trainer), trainer.estimated_stepping_batches)
         lam = self.lam
-        reg_value = 0.0
         if lam > 0:
             for name, mask in self._masks.items():
                 pressure = lam * scales[name]
@@ -554,24 +556,29 @@ class SparseConnectivityLearning(Callback):
             self._apply_density_floor()
         if self.protect_pruned_weights:
             self._snapshot_pruned_weights(trainer)
+        if log_now:
+            self._warn_collapsed(kept_by_layer)
+            reg_value = lam * sum(
+                scales[name] / self._masks[name].connections_per_variable * float(k)
+                for name, k in kept_by_layer.items()
+            )
+            self._log_step(pl_module, step, density, float(kept), reg_value, kept_by_layer)
 
-        step = trainer.global_step
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        collapsed = [name for name, k in kept_by_layer.items() if int(k) == 0]
-        for name in collapsed:
-            if f"collapse:{name}" not in self._warned:
+    def _warn_collapsed(self, kept_by_layer: dict[str, torch.Tensor]) -> None:
+        for name, kept in kept_by_layer.items():
+            if int(kept) == 0 and f"collapse:{name}" not in self._warned:
                 self._warned.add(f"collapse:{name}")
                 rank_zero_warn(
                     f"SparseConnectivityLearning: layer {name!r} has no connection left (density 0): the network "
                     "output no longer depends on its input through it. Lower lam / raise target_density, exclude the "
                     "layer, or set min_density_per_layer (e.g. 0.01)."
                 )
-        if step % every == 0 or step == 0:
-            reg_value = lam * sum(
-                scales[name] / self._masks[name].connections_per_variable * float(k)
-                for name, k in kept_by_layer.items()
-            )
-            self._log_step(pl_module, step, float(density), float(kept), reg_value, kept_by_layer)
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor | None]) -> bool:
+        # One reduction per tensor and a single host sync: a NaN or inf anywhere makes the sum non-finite.
+        sums = [g.sum() for g in grads if g is not None]
+        return bool(torch.isfinite(torch.stack(sums)).all())
 
     def _update_lambda(self, density: float, progress: float, total_steps: float) -> None:
         """Multiplicative control of ``lam`` on the log-density error, looking ahead along the recent trend.
@@ -603,17 +610,18 @@ class SparseConnectivityLearning(Callback):
                 values[top] = values[top].clamp_min(1e-3)
 
     def _snapshot_pruned_weights(self, trainer: L.Trainer) -> None:
-        decayed = {
-            id(p)
-            for opt in trainer.optimizers
-            for g in opt.param_groups
-            if g.get("weight_decay", 0)
-            for p in g["params"]
-        }
+        if self._decayed_originals is None:  # the user's param groups are fixed once fit has started
+            decayed = {
+                id(p)
+                for opt in trainer.optimizers
+                for g in opt.param_groups
+                if g.get("weight_decay", 0)
+                for p in g["params"]
+            }
+            self._decayed_originals = [name for name, original in self._originals.items() if id(original) in decayed]
         snapshot = [
-            (original, original.detach().clone(), self._masks[name])
-            for name, original in self._originals.items()
-            if id(original) in decayed
+            (self._originals[name], self._originals[name].detach().clone(), self._masks[name])
+            for name in self._decayed_originals
         ]
         self._weight_snapshot = snapshot or None
 
@@ -655,6 +663,7 @@ class SparseConnectivityLearning(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._masks:
             return
+        self._warn_collapsed({name: mask.kept_tensor() for name, mask in self._masks.items()})
         kept, total = self._kept_and_total()
         pl_module.log_dict(
             {"scl/density_epoch": kept / max(total, 1), "scl/connections_epoch": float(kept)},
