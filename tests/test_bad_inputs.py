@@ -524,9 +524,8 @@ CASES: list[Case] = [
         problem=r"directory 'exports' does not exist",
         fix=r"create it|mkdir|existing (folder|directory)",
         says="FileNotFoundError: [Errno 2] Cannot export to 'exports/model.safetensors': directory 'exports' does "
-        "not exist",
+        "not exist; create it first (mkdir -p exports)",
         todo="Create the folder first (`mkdir -p exports`), or write to an existing one.",
-        gap="names the missing folder but not the fix (create it)",
     ),
     Case(
         id="export-onto-folder",
@@ -549,7 +548,6 @@ CASES: list[Case] = [
         "model (7,)",
         todo="Pass the class (and hyper-parameters) the checkpoint was trained with; the message lists the keys and "
         "shapes that differ.",
-        gap="names the mismatched keys but not the fix (pass the class the checkpoint was trained with)",
     ),
     Case(
         id="export-shrunk-without-model-class",
@@ -568,9 +566,9 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"'model\.scl\.safetensors' is corrupted: its checksum does not match",
         fix=_EXPORT_AGAIN,
-        says="ValueError: 'model.scl.safetensors' is corrupted: its checksum does not match the stored one",
+        says="ValueError: 'model.scl.safetensors' is corrupted: its checksum does not match the stored one. Export it "
+        "again from the checkpoint or the trained model, or copy it again if it was transferred.",
         todo="Export it again from the checkpoint or the trained model, or copy it again if it was transferred.",
-        gap="names the corruption but not the fix (export or copy it again)",
     ),
     Case(
         id="load-truncated",
@@ -581,7 +579,6 @@ CASES: list[Case] = [
         fix=_EXPORT_AGAIN,
         says="ValueError: 'model.scl.safetensors' is not a readable safetensors file (corrupted or truncated?)",
         todo="Compare the file size with the original and copy it again, or export it again.",
-        gap="suggests the cause but not the fix (copy or export it again)",
     ),
     Case(
         id="load-shrunk-with-load-pruned",
@@ -621,9 +618,9 @@ CASES: list[Case] = [
         raises=OSError,
         problem=r"data_dir",
         fix=r"(pass|give|use) (another|a different|a writable) data_dir|data_dir .{0,40}must be",
-        says="NotADirectoryError: [Errno 20] Not a directory: 'data/MNIST/raw'",
+        says="NotADirectoryError: [Errno 20] MNIST: cannot create 'data/MNIST/raw' (Not a directory): data_dir 'data' "
+        "must be a folder you can write to; pass another data_dir.",
         todo="Point `data_dir` at a folder you can write to (it is created if missing).",
-        gap="a bare OSError from mkdir: names neither data_dir nor the fix",
     ),
     Case(
         id="data-cifar-missing-no-synthetic",
@@ -643,9 +640,8 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"notes\.txt.{0,80}(not a|cannot|could not|failed).{0,80}checkpoint",
         fix=r"\.ckpt|pass the model",
-        says="KeyError: 101",
+        says="ValueError: 'notes.txt' is not a checkpoint torch.load(weights_only=True) can read",
         todo="Pass the `.ckpt` file the Trainer wrote (`<log dir>/checkpoints/`), or the model itself.",
-        gap="torch.load's bare KeyError escapes: names neither the file nor the fix",
     ),
     Case(
         id="report-other-architecture",
@@ -654,9 +650,8 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"(does not match|mismatch).*head\.bias",
         fix=r"(class|model).{0,60}(trained with|wrote the checkpoint)",
-        says="RuntimeError: Error(s) in loading state_dict for SevenWayMLP",
+        says="ValueError: The checkpoint does not match SevenWayMLP: shape mismatch: 'head.bias'",
         todo="Pass the class the checkpoint was trained with, or `model_class=None` for counts without FLOPs.",
-        gap="torch's load_state_dict RuntimeError escapes: lists keys, no fix",
     ),
     # ------------------------------------------------------------ command line and config
     Case(
@@ -666,9 +661,9 @@ CASES: list[Case] = [
         raises=CLIExit,
         problem=r"^exit status 2: lightning-scl export: error: checkpoint 'runs/last\.ckpt' does not exist",
         fix=r"checkpoints/|dirpath|ls ",
-        says="exit status 2: lightning-scl export: error: checkpoint 'runs/last.ckpt' does not exist",
+        says="exit status 2: lightning-scl export: error: checkpoint 'runs/last.ckpt' does not exist: give the .ckpt "
+        "file the run wrote",
         todo="Give the `.ckpt` file the run wrote: `ModelCheckpoint`'s `dirpath`, by default `<log dir>/checkpoints/`.",
-        gap="names the missing file but not where checkpoints are written",
     ),
     Case(
         id="cli-report-missing-checkpoint",
@@ -677,9 +672,9 @@ CASES: list[Case] = [
         raises=CLIExit,
         problem=r"^exit status 2: lightning-scl report: error: checkpoint 'runs/last\.ckpt' does not exist",
         fix=r"checkpoints/|dirpath|ls ",
-        says="exit status 2: lightning-scl report: error: checkpoint 'runs/last.ckpt' does not exist",
+        says="exit status 2: lightning-scl report: error: checkpoint 'runs/last.ckpt' does not exist: give the .ckpt "
+        "file the run wrote",
         todo="As for `export`: give the `.ckpt` file the run wrote.",
-        gap="names the missing file but not where checkpoints are written",
     ),
     Case(
         id="cli-export-other-class",
@@ -706,12 +701,12 @@ CASES: list[Case] = [
         did="`lightning-scl fit --config recipes/mnist.yaml`: no such file",
         make=cli("fit", "--config", "{tmp}/recipes/mnist.yaml"),
         raises=CLIExit,
-        problem=r"^exit status 2: .*File does not exist: 'recipes/mnist\.yaml'",
+        problem=r"^exit status 2: .*recipe 'recipes/mnist\.yaml' does not exist",
         fix=r"examples/recipes",
-        says="error: Parser key \"config\": File does not exist: 'recipes/mnist.yaml'",
+        says="lightning-scl fit: error: recipe 'recipes/mnist.yaml' does not exist; the recipes ship in "
+        "examples/recipes/",
         todo="The recipes ship in `examples/recipes/` (e.g. `examples/recipes/mnist_lenet300_scl.yaml`); run from "
         "the repository root or give the full path.",
-        gap="jsonargparse's message: names the file, not where the recipes are",
     ),
     Case(
         id="cli-callback-option-typo",
@@ -728,16 +723,16 @@ CASES: list[Case] = [
         fix=r"--trainer\.callbacks\.help|accepted options?:.*\blam\b",
         says="Option 'lamb' is not accepted",
         todo="List the callback's options: `lightning-scl fit --trainer.callbacks.help SparseConnectivityLearning`.",
-        gap="jsonargparse's message: its tip points at `fit --help`, which does not list a callback's options",
     ),
     Case(
         id="config-callback-bad-value",
         did="a YAML config with `target_density: 2.0` under the SCL callback's `init_args`; `lightning-scl fit`",
         make=cli_config_bad_value,
-        raises=ValueError,
+        raises=CLIExit,
         problem=r"target_density must be in \(0, 1\] .*got 2\.0",
         fix=r"in \(0, 1\] \(fraction of connections kept\)",
-        says="target_density must be in (0, 1] (fraction of connections kept), got 2.0",
+        says="lightning-scl fit: error: SparseConnectivityLearning: target_density must be in (0, 1] (fraction of "
+        "connections kept), got 2.0",
         todo="Give a fraction of connections to keep: `target_density: 0.02` for 2%.",
     ),
 ]
