@@ -438,11 +438,10 @@ CASES: list[Case] = [
         make=resume_with_other_selection,
         raises=ValueError,
         problem=r"(?s)checkpoint.*head",
-        fix=r"layer_types.*include.*exclude",
-        says="RuntimeError: Error(s) in loading state_dict for MLP",
+        fix=r"use the layer_types/include/exclude and granularity of the run that wrote it",
+        says="ValueError: The checkpoint was written with masks on ['net.0', 'net.2', 'head'] (granularity",
         todo="Resume with the `layer_types`, `include`, `exclude` and `granularity` of the run that wrote the "
         "checkpoint; to change them, start a new run (or fine-tune from exported weights).",
-        gap="Lightning's strict load fails first: missing/unexpected keys, no word on the layer selection",
     ),
     # ------------------------------------------------------------ ELUSwap
     Case(
