@@ -105,7 +105,7 @@ class SparseConnectivityLearning(Callback):
     Example:
         >>> import lightning.pytorch as L
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
-        >>> scl = SparseConnectivityLearning(lam=0.5, mask_lr=0.05)
+        >>> scl = SparseConnectivityLearning(lam=0.5, mask_lr=0.05, report=False)
         >>> trainer = L.Trainer(max_steps=20, callbacks=[scl], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(BoringModel())

@@ -8,6 +8,7 @@ global step to ``OUT_DIR/progress_<mode>`` after every step and sleeps a little 
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,9 @@ class Progress(Callback):
         self.path, self.delay = path, delay
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.path.write_text(str(trainer.global_step))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(str(trainer.global_step))
+        os.replace(tmp, self.path)  # the test polls this file: never let it see a half-written one
         time.sleep(self.delay)
 
 
