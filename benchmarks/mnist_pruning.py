@@ -157,12 +157,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=RESULTS / "mnist_pruning.jsonl")
     parser.add_argument("--tag", default="", help="free-form label stored with the result (e.g. an ablation name)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 epochs x 3 steps on 512 samples, no output")
     args = parser.parse_args(argv)
     if args.smoke:
         args.epochs, args.max_steps, args.train_subset = 2, 6, 512
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for seed in args.seeds:
         result = run(args, seed)
         result["tag"] = args.tag
