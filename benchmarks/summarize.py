@@ -1,0 +1,227 @@
+"""Turn ``benchmarks/results/mnist_pruning.jsonl`` (and ``elu_*.json``) into the committed tables and plots.
+
+Writes, under ``benchmarks/results/``:
+
+- ``mnist_headline.md``: SCL runs tagged ``headline`` (mean +- std over seeds) beside the published anchors and
+  this project's targets;
+- ``mnist_side_by_side.md`` and ``mnist_pareto.png``: runs tagged ``side_by_side``: SCL vs ModelPruning (gradual
+  global L1) at each target density, same model, epochs and optimizer, plus the dense baseline;
+- ``mnist_ablations.md``: runs tagged ``ablation:<name>``;
+- ``elu_<net>.md`` and ``elu_<net>.png`` from ``elu_<net>.json``: training loss per epoch and median unit mean
+  activation, mean over seeds.
+
+Usage::
+
+    python benchmarks/summarize.py
+    python benchmarks/summarize.py --smoke      # CI: summarize a tiny synthetic result set in a temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).parent / "results"
+
+# Published MNIST results: (test error %, fraction of weights kept), from the papers as listed in GUIDE.md.
+ANCHORS = {
+    "lenet300": [
+        ("Han et al. 2015 (magnitude + retrain)", 1.59, 0.08),
+        ("DNS, Guo et al. 2016", 1.99, 0.018),
+        ("Sparse VD, Molchanov et al. 2017", 1.92, 0.0147),
+    ],
+    "lenet5": [
+        ("Han et al. 2015 (magnitude + retrain)", 0.77, 0.08),
+        ("DNS, Guo et al. 2016", 0.91, 0.009),
+        ("Sparse VD, Molchanov et al. 2017", 0.75, 0.0036),
+    ],
+}
+TARGETS = {"lenet300": (98.2, 0.015), "lenet5": (99.2, 0.004)}
+NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
+
+
+def _load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def headline(runs: list[dict]) -> str:
+    lines = [
+        "| model | method | test error % | weights kept % | seeds | epochs | meets target |",
+        "|---|---|---:|---:|---|---:|---|",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r.get("tag") == "headline":
+            groups[(r["model"], r["target_density"], r["epochs"])].append(r)
+    for model in ("lenet300", "lenet5"):
+        for name, err, kept in ANCHORS[model]:
+            lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
+        for (m, target, epochs), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            if m != model:
+                continue
+            acc = [100 * r["test_acc"] for r in rs]
+            dens = [100 * r["density"] for r in rs]
+            goal_acc, goal_density = TARGETS[model]
+            ok = statistics.mean(acc) >= goal_acc and max(dens) <= 100 * goal_density
+            lines.append(
+                f"| {NAMES[model]} | SCL (target density {100 * target:.2f}%) | {_mean_std([100 - a for a in acc])} | "
+                f"{_mean_std(dens)} | {', '.join(str(r['seed']) for r in rs)} | {epochs} | "
+                f"{'yes' if ok else 'no'} (target >= {goal_acc}% at <= {100 * goal_density:.1f}%) |"
+            )
+    return "\n".join(lines)
+
+
+def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
+    rows = [r for r in runs if r.get("tag") == "side_by_side"]
+    lines = [
+        "| model | target density % | ModelPruning acc % (density %) | SCL acc % (density %) | SCL - MP (points) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    by_key: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    dense: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == "dense":
+            dense[r["model"]].append(100 * r["test_acc"])
+        else:
+            by_key[(r["model"], r["target_density"])][r["method"]].append(r)
+    for (model, target), methods in sorted(by_key.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+
+        def cell(rs: list[dict]) -> tuple[str, float | None]:
+            if not rs:
+                return "-", None
+            acc = statistics.mean(100 * r["test_acc"] for r in rs)
+            return f"{acc:.2f} ({statistics.mean(100 * r['density'] for r in rs):.2f})", acc
+
+        mp, mp_acc = cell(methods.get("modelpruning", []))
+        scl, scl_acc = cell(methods.get("scl", []))
+        diff = f"{scl_acc - mp_acc:+.2f}" if mp_acc is not None and scl_acc is not None else "-"
+        lines.append(f"| {NAMES[model]} | {100 * target:.1f} | {mp} | {scl} | {diff} |")
+    for model, accs in dense.items():
+        lines.append(f"| {NAMES[model]} | 100 (dense) | {statistics.mean(accs):.2f} | | |")
+    if plot_path is not None and by_key:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, marker in (("modelpruning", "s"), ("scl", "o")):
+            for model in sorted({k[0] for k in by_key}):
+                pts = sorted(
+                    (100 * statistics.mean(r["density"] for r in rs), 100 * statistics.mean(r["test_acc"] for r in rs))
+                    for (m, _), methods in by_key.items()
+                    if m == model and (rs := methods.get(method))
+                )
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, label=f"{NAMES[model]} {method}")
+        for model, accs in dense.items():
+            ax.axhline(statistics.mean(accs), linestyle=":", color="gray", label=f"{NAMES[model]} dense")
+        ax.set_xscale("log")
+        ax.set_xlabel("weights kept (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("MNIST: accuracy vs density, same training budget")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
+def ablations(runs: list[dict]) -> str:
+    rows = [r for r in runs if str(r.get("tag", "")).startswith("ablation:")]
+    lines = [
+        "| ablation | setting | test acc % | density % | seeds | epochs |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        cfg = r["config"]
+        setting = f"ste={cfg['ste']}, normalize={cfg['normalize']}, mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
+        setting += f", regularizer={cfg['regularizer']}"
+        groups[(r["tag"][len("ablation:") :], setting, r["epochs"])].append(r)
+    for (name, setting, epochs), rs in sorted(groups.items()):
+        acc = [100 * r["test_acc"] for r in rs]
+        dens = [100 * r["density"] for r in rs]
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        lines.append(f"| {name} | {setting} | {_mean_std(acc)} | {_mean_std(dens)} | {seeds} | {epochs} |")
+    return "\n".join(lines)
+
+
+def elu(path: Path, plot_path: Path | None) -> str:
+    data = json.loads(path.read_text())
+    curves: dict[str, list[list[dict]]] = defaultdict(list)
+    for run in data["runs"]:
+        curves[run["variant"]].append(run["curve"])
+    epochs = min(len(c) for cs in curves.values() for c in cs)
+    lines = [
+        "| variant | "
+        + " | ".join(f"loss ep{e + 1}" for e in range(epochs))
+        + " | test acc % | median unit mean act |",
+        "|---|" + "---:|" * (epochs + 2),
+    ]
+    for variant, cs in curves.items():
+        losses = [statistics.mean(c[e]["train_loss"] for c in cs) for e in range(epochs)]
+        acc = statistics.mean(100 * c[epochs - 1]["test_acc"] for c in cs)
+        act = statistics.mean(c[epochs - 1]["median_unit_mean_act"] for c in cs)
+        lines.append(f"| {variant} | " + " | ".join(f"{x:.4f}" for x in losses) + f" | {acc:.2f} | {act:.3f} |")
+    if plot_path is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant, cs in curves.items():
+            ax.plot(
+                range(1, epochs + 1),
+                [statistics.mean(c[e]["train_loss"] for c in cs) for e in range(epochs)],
+                marker="o",
+                label=variant,
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss (epoch mean)")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=120)
+        plt.close(fig)
+    seeds = sorted({run["seed"] for run in data["runs"]})
+    return f"Seeds {seeds}, mean over seeds; settings in `{path.name}`.\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    results = args.results
+    if args.smoke:
+        results = Path(tempfile.mkdtemp())
+        fake = {"model": "lenet300", "target_density": 0.02, "density": 0.02, "test_acc": 0.98, "seed": 0}
+        fake |= {"epochs": 1, "config": {"ste": "identity", "normalize": "mean_abs", "mask_lr": 0.01}}
+        fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
+        lines = [fake | {"method": m, "tag": t} for m in ("scl", "modelpruning") for t in ("headline", "side_by_side")]
+        lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
+        (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    runs = _load(results / "mnist_pruning.jsonl")
+    if runs:
+        (results / "mnist_headline.md").write_text(headline(runs) + "\n")
+        (results / "mnist_side_by_side.md").write_text(side_by_side(runs, results / "mnist_pareto.png") + "\n")
+        (results / "mnist_ablations.md").write_text(ablations(runs) + "\n")
+    for net in ("mlp", "cnn"):
+        path = results / f"elu_{net}.json"
+        if path.exists():
+            (results / f"elu_{net}.md").write_text(elu(path, results / f"elu_{net}.png") + "\n")
+    print(f"summaries written to {results}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
