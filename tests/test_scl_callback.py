@@ -453,7 +453,7 @@ def test_resume_from_a_dense_checkpoint_is_explained(tmp_path):
     trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(MLP(), loader())
     (dense_ckpt,) = tmp_path.glob("**/*.ckpt")
-    with pytest.raises(ValueError, match="no connectivity masks.*load_from_checkpoint"):
+    with pytest.raises(ValueError, match=r"no connectivity masks.*load_from_checkpoint"):
         _checkpointing_fit(tmp_path / "b", 2, ckpt_path=str(dense_ckpt), lam=0.2)
 
 
