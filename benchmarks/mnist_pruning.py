@@ -101,6 +101,10 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 regularizer=args.regularizer,
             )
         )
+        if args.ste_slope is not None:
+            # Set after construction: the constructor rejects a non-positive proxy slope, which is the point of
+            # the ablation (showing that an invalid proxy fails).
+            callbacks[-1].ste_slope = args.ste_slope
     elif args.method == "modelpruning":
         callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
     trainer = L.Trainer(
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-lr", type=float, default=0.01)
     parser.add_argument("--mask-init", type=float, default=1.0)
     parser.add_argument("--ste", default="identity")
+    parser.add_argument("--ste-slope", type=float, default=None, help="leaky_relu proxy slope (may be invalid)")
     parser.add_argument("--normalize", default="mean_abs")
     parser.add_argument("--regularizer", default="connections")
     parser.add_argument("--train-subset", type=int, default=None)
