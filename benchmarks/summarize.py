@@ -141,7 +141,17 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
 
 
 def ablations(runs: list[dict]) -> str:
-    rows = [r for r in runs if str(r.get("tag", "")).startswith("ablation:")]
+    # The defaults' run is the side-by-side SCL run with the same model, density and epochs as the ablations.
+    ablated = [r for r in runs if str(r.get("tag", "")).startswith("ablation:")]
+    keys = {(r["model"], r["target_density"], r["epochs"]) for r in ablated}
+    defaults = [
+        r | {"tag": "ablation:defaults"}
+        for r in runs
+        if r.get("tag") == "side_by_side"
+        and r["method"] == "scl"
+        and (r["model"], r["target_density"], r["epochs"]) in keys
+    ]
+    rows = defaults + ablated
     lines = [
         "| ablation | setting | test acc % | density % | seeds | epochs |",
         "|---|---|---:|---:|---|---:|",
@@ -151,6 +161,8 @@ def ablations(runs: list[dict]) -> str:
         cfg = r["config"]
         setting = f"ste={cfg['ste']}, normalize={cfg['normalize']}, mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
         setting += f", regularizer={cfg['regularizer']}"
+        if cfg.get("ste_slope") is not None:
+            setting += f", ste_slope={cfg['ste_slope']}"
         groups[(r["tag"][len("ablation:") :], setting, r["epochs"])].append(r)
     for (name, setting, epochs), rs in sorted(groups.items()):
         acc = [100 * r["test_acc"] for r in rs]
