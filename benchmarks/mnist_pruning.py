@@ -91,7 +91,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     if args.method == "scl":
         callbacks.append(
             SparseConnectivityLearning(
-                target_density=args.density,
+                lam=args.lam,
+                target_density=None if args.lam is not None else args.density,
                 ramp_end=args.ramp,
                 freeze_masks_at=args.freeze,
                 mask_lr=args.mask_lr,
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {
         "model": args.model,
         "method": args.method,
-        "target_density": None if args.method == "dense" else args.density,
+        "target_density": None if args.method == "dense" or args.lam is not None else args.density,
         "density": weight_density(model),
         "test_acc": test["test/acc"],
         "test_error_pct": 100 * (1 - test["test/acc"]),
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=["lenet300", "lenet5"], default="lenet300")
     parser.add_argument("--method", choices=["scl", "modelpruning", "dense"], default="scl")
     parser.add_argument("--density", type=float, default=0.02, help="target fraction of weights kept")
+    parser.add_argument("--lam", type=float, default=None, help="SCL: fixed regularizer strength instead of --density")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--lr", type=float, default=0.05)

@@ -36,7 +36,7 @@ from lightning_scl.callbacks.scl import SparseConnectivityLearning
 from lightning_scl.models import ImageClassifier
 
 RESULTS = Path(__file__).parent / "results"
-SHAPES = {"lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
+SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 
 
 class StepTimer(L.Callback):
