@@ -83,3 +83,35 @@ def test_ste_gradients_match_formulas(shape, ste, slope, channel, seed):
         task = task.sum(dim=tuple(range(1, len(shape))), keepdim=True)
     torch.testing.assert_close(m.grad, task * proxy)
     torch.testing.assert_close(w.grad, upstream * (md > 0).to(upstream.dtype))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_features=st.integers(1, 9),
+    in_features=st.integers(1, 70),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_compressed_export_round_trip_is_bit_exact(out_features, in_features, density, dtype, seed):
+    import tempfile
+    from pathlib import Path
+
+    from lightning_scl.export import export_pruned, load_pruned
+
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(in_features, out_features)).to(dtype)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.randn(net[0].weight.shape, generator=g).to(dtype))
+    masks = inject_masks(net)
+    with torch.no_grad():
+        masks["0"].mask.copy_(_random_mask(masks["0"].mask.shape, density, seed))
+    expected = fold_state_dict(net.state_dict())
+    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_pruned(net, Path(tmp) / "m.safetensors", format="compressed", dtype=dtype_name)
+        restored = load_pruned(path)
+    assert list(restored) == list(expected)
+    for key in expected:
+        assert restored[key].dtype == expected[key].dtype
+        assert torch.equal(restored[key], expected[key]), key
