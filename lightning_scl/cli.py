@@ -52,15 +52,6 @@ __all__ = [
 PROG = "lightning-scl"
 DEFAULT_MODEL_CLASS = "lightning_scl.models.ImageClassifier"
 #: Formats ``export`` offers when :mod:`lightning_scl.export` cannot be imported (its own list wins otherwise).
-_FALLBACK_FORMATS = ("safetensors", "state_dict", "compressed", "shrunk", "onnx")
-_FALLBACK_SUFFIXES = {
-    "safetensors": ".safetensors",
-    "state_dict": ".pt",
-    "compressed": ".scl.safetensors",
-    "shrunk": ".shrunk.pt",
-    "onnx": ".onnx",
-    "onnx_shrunk": ".shrunk.onnx",
-}
 _LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: The recipes of a source checkout (absent from an installed wheel).
 _RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
@@ -289,13 +280,9 @@ def format_size(num_bytes: float) -> str:
 
 
 def _export_formats() -> tuple[tuple[str, ...], dict[str, str]]:
-    try:
-        from lightning_scl import export
-    except ImportError:
-        return _FALLBACK_FORMATS, _FALLBACK_SUFFIXES
-    formats = tuple(getattr(export, "FORMATS", _FALLBACK_FORMATS))
-    suffixes = {**_FALLBACK_SUFFIXES, **getattr(export, "SUFFIXES", {})}
-    return formats, suffixes
+    from lightning_scl.export import FORMATS, SUFFIXES  # one source of truth for format names and file suffixes
+
+    return FORMATS, SUFFIXES
 
 
 def build_export_parser() -> argparse.ArgumentParser:
