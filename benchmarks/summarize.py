@@ -161,6 +161,7 @@ def ablations(runs: list[dict]) -> str:
         cfg = r["config"]
         setting = f"ste={cfg['ste']}, normalize={cfg['normalize']}, mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
         setting += f", regularizer={cfg['regularizer']}"
+        setting += f", freeze={cfg.get('freeze')}, density={100 * r['target_density']:g}%"
         if cfg.get("ste_slope") is not None:
             setting += f", ste_slope={cfg['ste_slope']}"
         groups[(r["tag"][len("ablation:") :], setting, r["epochs"])].append(r)
