@@ -84,6 +84,7 @@ def fitted_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                 "--data.batch_size=64",
                 # the idiom the recipe headers document: init_args of the LAST callback (SCL)
                 "--trainer.callbacks.init_args.target_density=0.5",
+                "--trainer.callbacks.init_args.freeze_masks_at=null",  # 16 steps: keep every one for pruning
             ]
         )
     finally:
