@@ -84,6 +84,16 @@ class MLP(L.LightningModule):
         )
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: about as fast for small runs, and far faster when other processes keep the cores busy
+    (two threads contending with them spin and wait)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mlp() -> MLP:
     torch.manual_seed(0)

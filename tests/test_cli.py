@@ -6,13 +6,11 @@ installed console script.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,28 +26,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "examples" / "recipes" / "mnist_l
 CHECKPOINT = Path("scl_runs/mnist_lenet300_scl/checkpoints/last.ckpt")
 
 
-def _missing(module: str, *names: str) -> str | None:
-    """Why ``names`` cannot be imported from ``module``, or None when they can."""
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as err:
-        return f"{module} is not importable yet ({err})"
-    absent = [n for n in names if not hasattr(mod, n)]
-    return f"{module} lacks {', '.join(absent)}" if absent else None
-
-
-MISSING_EXPORT = _missing("lightning_scl.export", "export_pruned", "load_masked_checkpoint")
-MISSING_REPORT = _missing("lightning_scl.accounting", "sparsity_report", "plot_layer_density")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: about as fast for these small runs, and 5x faster when the machine's cores are busy (2 threads
-    contending with other processes spin and wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +104,6 @@ def test_test_subcommand_restores_masks(fitted_run: Path, data_dir: Path, monkey
     assert status == 0
 
 
-@pytest.mark.xfail(MISSING_EXPORT is not None, reason=str(MISSING_EXPORT), strict=True)
 def test_export_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_scl.export import load_pruned
 
@@ -146,7 +122,6 @@ def test_export_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
     assert out.stat().st_size < plain_path.stat().st_size
 
 
-@pytest.mark.xfail(MISSING_REPORT is not None, reason=str(MISSING_REPORT), strict=True)
 def test_report_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = fitted_run / CHECKPOINT
     out_dir = fitted_run / "report"
@@ -162,7 +137,6 @@ def test_report_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
     assert (out_dir / "last_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.xfail(MISSING_REPORT or MISSING_EXPORT, reason=str(MISSING_REPORT or MISSING_EXPORT), strict=True)
 def test_demo(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["demo", "--epochs=1", "--train-subset=1024", "--target-density=0.3", "--accelerator=cpu", "--num-threads=2"]
     threads = torch.get_num_threads()
@@ -209,8 +183,7 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
         ("demo", "--target-density", "1.5"): "--target-density",
         ("demo", "--num-threads", "-1"): "--num-threads",
     }
-    if MISSING_EXPORT is None:
-        cases[("export", str(plain))] = "no connectivity masks"
+    cases[("export", str(plain))] = "no connectivity masks"
     for argv, message in cases.items():
         assert main(list(argv)) == 2, argv
         err = capsys.readouterr().err

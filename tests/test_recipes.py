@@ -7,7 +7,6 @@ on the data modules' synthetic mode (torchvision FakeData), since those data set
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,14 +47,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(shared) if shared else tmp_path_factory.getbasetemp() / "lightning_scl_data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: about as fast for these small runs, and 5x faster when the machine's cores are busy (2 threads
-    contending with other processes spin and wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data_overrides(text: str, data_dir: Path) -> list[str]:
