@@ -45,12 +45,7 @@ def relu_calls(model: nn.Module, x: torch.Tensor) -> int:
     return counter.calls
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; a second thread only contends with other test runs
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: one thread is faster
 
 
 class Functional(nn.Module):

@@ -74,14 +74,7 @@ def build(name: str, **kwargs) -> nn.Module:
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Batch-1 forwards gain nothing from a second thread, and OpenMP spinning on a busy 2-core machine makes
-    # densenet 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: one thread is faster
 
 
 def test_resnet18_shared_relu_gets_one_elu_per_call_site():

@@ -19,14 +19,7 @@ from lightning_scl.callbacks.scl import SparseConnectivityLearning
 from lightning_scl.export import FORMATS, export_pruned, load_masked_checkpoint, load_pruned, load_shrunk, main
 from lightning_scl.masking import inject_masks, iter_masks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models: one thread is faster, and immune to a busy shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is faster
 
 
 class MLP(nn.Module):

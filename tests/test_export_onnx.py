@@ -15,12 +15,7 @@ from .test_export import LeNet5, masked, resnet18
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is faster
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,7 @@ from lightning_scl.masking import inject_masks, iter_masks
 
 from .test_export import LeNet5, masked, randomize_bn, resnet18
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small models: one thread is faster
 
 
 def gate(model: nn.Module, name: str) -> torch.Tensor:
