@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 
@@ -52,6 +53,7 @@ __all__ = [
     "has_masks",
     "inject_masks",
     "iter_masks",
+    "mask_gradient_statistic",
     "masked_weight",
     "normalize_mask_gradient_",
     "ste_derivative",
@@ -404,6 +406,42 @@ def _feature_rows(grad: torch.Tensor, feature_dim: int) -> torch.Tensor:
     return grad.movedim(feature_dim, 0).reshape(grad.shape[feature_dim], -1)
 
 
+def mask_gradient_statistic(
+    grad: torch.Tensor, feature_dim: int, statistic: str = "mean_abs", per_feature: bool = True
+) -> torch.Tensor:
+    """Each output unit's statistic of its mask gradient (one value per unit, or one for the tensor).
+
+    One read of ``grad`` and no temporary: a vector norm (L1, L2 or max) per row. A non-finite gradient gives a
+    non-finite statistic, so the statistics double as the NaN/inf check.
+
+    Example:
+        >>> mask_gradient_statistic(torch.tensor([[1.0, -3.0], [0.5, 0.5]]), feature_dim=0)
+        tensor([2.0000, 0.5000])
+    """
+    rows = _feature_rows(grad, feature_dim) if per_feature else grad.reshape(1, -1)
+    n = rows.shape[1]
+    if statistic == "mean_abs":
+        return torch.linalg.vector_norm(rows, ord=1, dim=1) / n
+    if statistic == "l2":
+        return torch.linalg.vector_norm(rows, ord=2, dim=1) / math.sqrt(n)
+    if statistic == "max_abs":
+        return torch.linalg.vector_norm(rows, ord=float("inf"), dim=1)
+    raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {statistic!r}")
+
+
+def _scale_rows_and_add_(
+    grad: torch.Tensor, row_scale: torch.Tensor, feature_dim: int, add: float = 0.0, per_feature: bool = True
+) -> torch.Tensor:
+    """``grad = grad * row_scale + add`` in place, in one pass (``row_scale`` per output unit, or one value)."""
+    if per_feature:
+        shape = [1] * grad.dim()
+        shape[feature_dim] = -1
+        row_scale = row_scale.view(shape)
+    else:
+        row_scale = row_scale.reshape(())
+    return torch.addcmul(grad.new_tensor(add), grad, row_scale, out=grad)
+
+
 def normalize_mask_gradient_(
     grad: torch.Tensor, feature_dim: int, statistic: str = "mean_abs", per_feature: bool = True
 ) -> torch.Tensor:
@@ -426,20 +464,10 @@ def normalize_mask_gradient_(
     """
     if statistic == "none":
         return grad
-    rows = _feature_rows(grad, feature_dim) if per_feature else grad.reshape(1, -1)
-    if statistic == "mean_abs":
-        stat = rows.abs().mean(dim=1)
-    elif statistic == "l2":
-        stat = rows.square().mean(dim=1).sqrt()
-    elif statistic == "max_abs":
-        stat = rows.abs().amax(dim=1)
-    else:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {statistic!r}")
-    scale = 1.0 / stat.clamp_min(torch.finfo(stat.dtype).tiny)
-    if per_feature:
-        shape = [1] * grad.dim()
-        shape[feature_dim] = -1
-        grad.mul_(scale.view(shape))
-    else:
-        grad.mul_(scale)
-    return grad
+    stat = mask_gradient_statistic(grad, feature_dim, statistic, per_feature)
+    return _scale_rows_and_add_(grad, _inverse_statistic(stat), feature_dim, per_feature=per_feature)
+
+
+def _inverse_statistic(stat: torch.Tensor) -> torch.Tensor:
+    """``1 / stat`` with all-zero rows mapped to a finite scale (their gradient stays zero)."""
+    return stat.clamp_min(torch.finfo(stat.dtype).tiny).reciprocal()

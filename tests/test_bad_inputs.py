@@ -429,8 +429,41 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"need a finite training length",
         fix=r"set Trainer\(max_epochs=\.\.\.\) or Trainer\(max_steps=\.\.\.\)",
-        says="ValueError: target_density and a fractional freeze_masks_at need a finite training length",
-        todo="Set `max_epochs` or `max_steps` (the density schedule is a fraction of training), or use `lam`.",
+        says="ValueError: target_density and a fractional freeze_masks_at (default 0.7) need a finite training "
+        "length",
+        todo="Set `max_epochs` or `max_steps` (the density schedule and the default freeze point are fractions of "
+        "training), or use `lam` with `freeze_masks_at=None` or an epoch number.",
+    ),
+    Case(
+        id="scl-freeze-before-ramp-end",
+        did="`SparseConnectivityLearning(target_density=0.05, ramp_end=0.8)` (default `freeze_masks_at=0.7`)",
+        make=call(SparseConnectivityLearning, target_density=0.05, ramp_end=0.8),
+        raises=ValueError,
+        problem=r"freeze the masks before the density schedule reaches target_density",
+        fix=r"set freeze_masks_at above ramp_end \(e\.g\. 0\.95\) or None",
+        says="ValueError: freeze_masks_at=0.7 would freeze the masks before the density schedule reaches "
+        "target_density at ramp_end=0.8: set freeze_masks_at above ramp_end (e.g. 0.95) or None.",
+        todo="Freeze after the ramp: `freeze_masks_at` greater than `ramp_end`, or `None` to never freeze.",
+    ),
+    Case(
+        id="scl-negative-fan-in-exponent",
+        did="`SparseConnectivityLearning(fan_in_exponent=-1)`",
+        make=call(SparseConnectivityLearning, fan_in_exponent=-1),
+        raises=ValueError,
+        problem=r"fan_in_exponent must be a number >= 0",
+        fix=r"0 disables the scaling",
+        says="ValueError: fan_in_exponent must be a number >= 0 (0 disables the scaling), got -1",
+        todo="Use 0.5 (the default for weight masks), 0 for uniform pressure, or another value >= 0.",
+    ),
+    Case(
+        id="scl-unknown-mask-lr-schedule",
+        did='`SparseConnectivityLearning(mask_lr_schedule="linear")`',
+        make=call(SparseConnectivityLearning, mask_lr_schedule="linear"),
+        raises=ValueError,
+        problem=r"mask_lr_schedule .*got 'linear'",
+        fix=r"one of \['constant', 'cosine'\]",
+        says="ValueError: mask_lr_schedule must be one of ['constant', 'cosine'], got 'linear'",
+        todo="Use `constant` (default) or `cosine`.",
     ),
     Case(
         id="scl-resume-other-layer-selection",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 
 import lightning.pytorch as L
@@ -65,7 +66,7 @@ def test_masks_get_their_own_optimizer_without_weight_decay():
 
 def test_zero_task_loss_gives_mask_gradient_lam():
     torch.manual_seed(0)
-    scl = GradSpy(lam=0.5, mask_lr=0.01, mask_momentum=0.9)
+    scl = GradSpy(lam=0.5, mask_lr=0.01, mask_momentum=0.9, fan_in_exponent=0)
     fit(ZeroTaskLoss(), [scl], max_steps=1)
     (grads,) = scl.seen
     for grad in grads.values():
@@ -152,6 +153,54 @@ def test_gradient_clipping_excludes_mask_gradients():
         torch.testing.assert_close(masks[0][name], masks[1][name], rtol=0, atol=0)
 
 
+def test_fan_in_exponent_scales_pressure_by_fan_in_with_mean_one():
+    torch.manual_seed(0)
+    scl = GradSpy(lam=0.5, mask_lr=0.01, fan_in_exponent=0.5)
+    fit(ZeroTaskLoss(), [scl], max_steps=1)
+    (grads,) = scl.seen
+    fan_in = {"net.0": 16, "net.2": 32, "head": 32}  # MLP: 16 -> 32 -> 32 -> 4
+    sizes = {name: mask.mask.numel() for name, mask in scl.masks.items()}
+    raw = {name: fan_in[name] ** 0.5 for name in fan_in}
+    mean = sum(raw[n] * sizes[n] for n in raw) / sum(sizes.values())
+    for name, grad in grads.items():  # zero task loss: the gradient is the pressure alone
+        torch.testing.assert_close(grad, torch.full_like(grad, 0.5 * raw[name] / mean))
+    assert grads["head"][0, 0] > grads["net.0"][0, 0]  # the wider input gets more pressure per connection
+
+
+def test_default_fan_in_exponent_depends_on_granularity():
+    assert SparseConnectivityLearning().fan_in_exponent == 0.5
+    assert SparseConnectivityLearning(granularity="channel").fan_in_exponent == 0.0
+
+
+class LrSpy(SparseConnectivityLearning):
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.lrs: list[float] = []
+        step = self._mask_optimizer.step
+
+        def spy_step(*args, **kwargs):
+            self.lrs.append(self._mask_optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        self._mask_optimizer.step = spy_step
+
+
+def test_cosine_mask_lr_decays_to_zero_at_the_freeze_point():
+    torch.manual_seed(0)
+    scl = LrSpy(lam=0.1, mask_lr=0.2, mask_lr_schedule="cosine", freeze_masks_at=0.5)
+    fit(MLP(), [scl], max_steps=20, max_epochs=5)  # 8 batches per epoch: the step limit ends the run
+    assert len(scl.lrs) == 10  # masks step until half of the 20 steps, then freeze
+    assert scl.lrs[0] == pytest.approx(0.2)
+    assert all(a > b for a, b in zip(scl.lrs, scl.lrs[1:]))
+    assert scl.lrs[5] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+
+
+def test_constant_mask_lr_by_default():
+    scl = LrSpy(lam=0.1, mask_lr=0.2, freeze_masks_at=None)
+    fit(MLP(), [scl], max_steps=6)
+    assert scl.lrs == [0.2] * 6
+
+
 class SwitchOffHalfTheHead(Callback):
     def on_fit_start(self, trainer, pl_module):
         with torch.no_grad():
@@ -164,7 +213,8 @@ def test_pruned_weights_are_protected_from_weight_decay(protect):
     torch.manual_seed(0)
     model = MLP(weight_decay=0.5)
     switch = SwitchOffHalfTheHead()
-    scl = SparseConnectivityLearning(lam=0.0, protect_pruned_weights=protect)
+    # Never frozen: once masks are frozen no pruned weight can revive, so protection stops there (tested below).
+    scl = SparseConnectivityLearning(lam=0.0, protect_pruned_weights=protect, freeze_masks_at=None)
     fit(model, [scl, switch], max_steps=5)
     original = model.head.parametrizations.weight.original.detach()
     off, on = original[:, ::2], original[:, 1::2]
@@ -290,7 +340,7 @@ def test_selecting_nothing_is_an_error_listing_candidates():
 
 def test_logs_density_connections_lambda_reg_loss(tmp_path):
     torch.manual_seed(0)
-    scl = SparseConnectivityLearning(lam=0.2, log_per_layer=True)
+    scl = SparseConnectivityLearning(lam=0.2, log_per_layer=True, fan_in_exponent=0)
     logger = CSVLogger(tmp_path, name="run")
     fit(MLP(), [scl], max_epochs=2, logger=logger, log_every_n_steps=2)
     with open(f"{logger.log_dir}/metrics.csv") as fh:

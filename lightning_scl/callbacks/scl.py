@@ -19,9 +19,11 @@ from lightning_scl.masking import (
     NORMALIZATIONS,
     STES,
     ConnectivityMask,
+    _inverse_statistic,
+    _scale_rows_and_add_,
     inject_masks,
     iter_masks,
-    normalize_mask_gradient_,
+    mask_gradient_statistic,
     ste_derivative,
 )
 from lightning_scl.targets import DEFAULT_LAYER_TYPES, resolve_layer_types, select_layers, validate_patterns
@@ -29,6 +31,7 @@ from lightning_scl.targets import DEFAULT_LAYER_TYPES, resolve_layer_types, sele
 __all__ = ["REGULARIZERS", "SparseConnectivityLearning"]
 
 REGULARIZERS = ("connections", "flops")
+MASK_LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
@@ -85,10 +88,20 @@ class SparseConnectivityLearning(Callback):
             ``"max_abs"`` or ``"none"``.
         regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
             per sample, scaled to mean 1; needs an example input).
+        fan_in_exponent: the pressure on a connection is also multiplied by ``fan_in ** fan_in_exponent`` (fan-in
+            of its layer; the scales keep mean 1). Per-unit normalization gives every row of task gradients mean
+            magnitude 1, so the few useful inputs of a wide layer (784 pixels) look up to ``fan_in`` times more
+            useful than those of a narrow one (100 hidden units) and narrow layers are over-pruned; the exponent
+            compensates. ``None`` (default): 0.5 for ``granularity="weight"`` (measured best: see the benchmarks
+            page), 0 for ``"channel"`` (normalized per layer, so rows do not apply).
         mask_lr: learning rate of the mask optimizer (SGD).
         mask_momentum: momentum of the mask optimizer.
+        mask_lr_schedule: ``"constant"``, or ``"cosine"``: the mask learning rate decays from ``mask_lr`` to 0 at
+            ``freeze_masks_at`` (or at the end of training), so masks settle gradually instead of churning.
         freeze_masks_at: stop updating masks after this point (float: fraction of the total optimizer steps;
-            int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes.
+            int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes. Default 0.7:
+            the last 30% fine-tune the final connectivity (better at every density measured; see the benchmarks
+            page). With ``target_density`` a fractional freeze must come after ``ramp_end``.
         ramp_end: with ``target_density``: fraction of training at which the density schedule reaches the target.
         controller_gain: with ``target_density``: how strongly ``lam`` reacts to the log-density error, per run
             (over the whole training ``lam`` may move by ``exp(controller_gain * error)``), so the same value works
@@ -126,9 +139,11 @@ class SparseConnectivityLearning(Callback):
         ste_slope: float = 0.1,
         normalize: str = "mean_abs",
         regularizer: str = "connections",
+        fan_in_exponent: float | None = None,
         mask_lr: float = 0.01,
         mask_momentum: float = 0.9,
-        freeze_masks_at: float | int | None = None,
+        mask_lr_schedule: str = "constant",
+        freeze_masks_at: float | int | None = 0.7,
         ramp_end: float = 0.5,
         controller_gain: float = 100.0,
         protect_pruned_weights: bool = True,
@@ -168,9 +183,21 @@ class SparseConnectivityLearning(Callback):
             raise ValueError(f"mask_lr must be > 0, got {mask_lr!r}")
         if not 0 <= mask_momentum < 1:
             raise ValueError(f"mask_momentum must be in [0, 1), got {mask_momentum!r}")
+        if fan_in_exponent is not None and (
+            not isinstance(fan_in_exponent, (int, float)) or isinstance(fan_in_exponent, bool) or fan_in_exponent < 0
+        ):
+            raise ValueError(f"fan_in_exponent must be a number >= 0 (0 disables the scaling), got {fan_in_exponent!r}")
+        if mask_lr_schedule not in MASK_LR_SCHEDULES:
+            raise ValueError(f"mask_lr_schedule must be one of {list(MASK_LR_SCHEDULES)}, got {mask_lr_schedule!r}")
         _check_fraction_or_epoch(freeze_masks_at, "freeze_masks_at")
         if not 0.0 < ramp_end <= 1.0:
             raise ValueError(f"ramp_end must be a fraction of training in (0, 1], got {ramp_end!r}")
+        if target_density is not None and isinstance(freeze_masks_at, float) and freeze_masks_at <= ramp_end:
+            raise ValueError(
+                f"freeze_masks_at={freeze_masks_at} would freeze the masks before the density schedule reaches "
+                f"target_density at ramp_end={ramp_end}: set freeze_masks_at above ramp_end (e.g. "
+                f"{min(0.95, ramp_end + 0.2):.2f}) or None."
+            )
         if not controller_gain > 0:
             raise ValueError(f"controller_gain must be > 0, got {controller_gain!r}")
         if not 0.0 <= min_density_per_layer < 1.0:
@@ -194,6 +221,10 @@ class SparseConnectivityLearning(Callback):
         self.regularizer = regularizer
         self.mask_lr = float(mask_lr)
         self.mask_momentum = float(mask_momentum)
+        self.mask_lr_schedule = mask_lr_schedule
+        if fan_in_exponent is None:
+            fan_in_exponent = 0.5 if granularity == "weight" else 0.0
+        self.fan_in_exponent = float(fan_in_exponent)
         self.freeze_masks_at = freeze_masks_at
         self.ramp_end = float(ramp_end)
         self.controller_gain = float(controller_gain)
@@ -208,6 +239,7 @@ class SparseConnectivityLearning(Callback):
         self._masks: dict[str, ConnectivityMask] = {}
         self._originals: dict[str, nn.Parameter] = {}
         self._mask_optimizer: torch.optim.SGD | None = None
+        self._fused_mask_optimizer: bool | None = None
         self._pending_state: dict[str, Any] | None = None
         self._wrapped: dict[str, tuple[nn.Module, bool, Any]] = {}
         self._reg_scales: dict[str, float] | None = None
@@ -349,7 +381,12 @@ class SparseConnectivityLearning(Callback):
         self._decayed_originals = None
         if self.report or self.regularizer == "flops":
             self._reporter = SCLReporter(pl_module)
-        self._mask_optimizer = torch.optim.SGD(params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0)
+        # On CPU the fused kernel updates momentum and mask in one pass instead of three; on accelerators the default
+        # (foreach) path is already fast and works with every strategy's parameter wrapping.
+        self._fused_mask_optimizer = all(p.device.type == "cpu" for p in params) or None
+        self._mask_optimizer = torch.optim.SGD(
+            params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0, fused=self._fused_mask_optimizer
+        )
         if self._pending_state is not None:
             self._load_pending_state()
         for optimizer in trainer.optimizers:
@@ -366,8 +403,9 @@ class SparseConnectivityLearning(Callback):
                 self.target_density is not None or isinstance(self.freeze_masks_at, float)
             ):
                 raise ValueError(
-                    "target_density and a fractional freeze_masks_at need a finite training length: set "
-                    "Trainer(max_epochs=...) or Trainer(max_steps=...), or give freeze_masks_at as an epoch number."
+                    "target_density and a fractional freeze_masks_at (default 0.7) need a finite training length: "
+                    "set Trainer(max_epochs=...) or Trainer(max_steps=...), or give freeze_masks_at as an epoch "
+                    "number (or None to never freeze)."
                 )
         kept, total = self._kept_and_total()
         rank_zero_info(
@@ -397,6 +435,7 @@ class SparseConnectivityLearning(Callback):
             for group in self._mask_optimizer.param_groups:  # the constructor arguments win over the checkpoint's
                 group["lr"] = self.mask_lr
                 group["momentum"] = self.mask_momentum
+                group["fused"] = self._fused_mask_optimizer
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -440,6 +479,16 @@ class SparseConnectivityLearning(Callback):
             return self._progress(trainer) >= self.freeze_masks_at
         return trainer.current_epoch >= self.freeze_masks_at
 
+    def _mask_training_fraction(self, trainer: L.Trainer) -> float:
+        """How far through the mask-training window (start to ``freeze_masks_at``, or to the end) training is."""
+        progress = self._progress(trainer)
+        end = self.freeze_masks_at
+        if isinstance(end, int) and not isinstance(end, bool):
+            end = end / trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        if end is None or end <= 0:
+            return progress
+        return min(1.0, progress / end)
+
     def scheduled_density(self, progress: float) -> float:
         """Density the controller aims for at ``progress`` (fraction of training): cubic decay, then flat.
 
@@ -456,22 +505,25 @@ class SparseConnectivityLearning(Callback):
     # ------------------------------------------------------------------ regularizer scales
 
     def _scales(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """Per-layer pressure multiplier: 1 per connection, or the connection's MACs per sample (mean 1)."""
+        """Per-layer pressure multiplier: 1 per connection, or the connection's MACs per sample, times
+        ``fan_in ** fan_in_exponent``; mean 1 over the mask variables."""
         if self._reg_scales is not None:
             return self._reg_scales
         costs: dict[str, float] = {}
-        if self.regularizer == "flops":
-            macs = self._layer_macs(pl_module)
-            if macs is None:
-                return {name: float(mask.connections_per_variable) for name, mask in self._masks.items()}
+        macs = self._layer_macs(pl_module) if self.regularizer == "flops" else None
+        for name, mask in self._masks.items():
+            per_connection = 1.0 if macs is None else macs.get(name, 0) / mask.numel_connections
+            costs[name] = per_connection * mask.connections_per_variable
+        if self.fan_in_exponent:
             for name, mask in self._masks.items():
-                per_connection = macs.get(name, 0) / mask.numel_connections
-                costs[name] = per_connection * mask.connections_per_variable
-        else:
-            costs = {name: float(mask.connections_per_variable) for name, mask in self._masks.items()}
+                fan_in = mask.numel_connections / mask.weight_shape[mask.feature_dim]
+                costs[name] *= fan_in**self.fan_in_exponent
         n_vars = sum(mask.mask.numel() for mask in self._masks.values())
         mean_cost = sum(costs[name] * mask.mask.numel() for name, mask in self._masks.items()) / max(n_vars, 1)
-        self._reg_scales = {name: cost / mean_cost if mean_cost > 0 else 1.0 for name, cost in costs.items()}
+        scales = {name: cost / mean_cost if mean_cost > 0 else 1.0 for name, cost in costs.items()}
+        if self.regularizer == "flops" and macs is None:
+            return scales  # no example input seen yet: count connections until the MACs are known
+        self._reg_scales = scales
         return self._reg_scales
 
     def _layer_macs(self, pl_module: L.LightningModule) -> dict[str, int] | None:
@@ -503,18 +555,33 @@ class SparseConnectivityLearning(Callback):
     ) -> None:
         if self._mask_optimizer is None:
             return
-        params = [mask.mask for mask in self._masks.values()]
-        grads = [p.grad for p in params]
-        if all(g is None for g in grads):
-            return
         if not self._frozen and self._should_freeze(trainer):
             self._frozen = True
             rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
+        step = trainer.global_step
+        log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
         if self._frozen:
             self._mask_optimizer.zero_grad(set_to_none=True)
+            if log_now:  # the metrics stay on the logger's timeline after the freeze
+                kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
+                self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module))
             return
-        scale = self._gradient_scale(trainer)
-        if not self._all_finite(grads):
+        masks = list(self._masks.values())
+        if all(mask.mask.grad is None for mask in masks):
+            return
+        if self.mask_lr_schedule == "cosine":
+            lr = self.mask_lr * 0.5 * (1.0 + math.cos(math.pi * self._mask_training_fraction(trainer)))
+            for group in self._mask_optimizer.param_groups:
+                group["lr"] = lr
+        for mask in masks:
+            if mask.mask.grad is None:
+                mask.mask.grad = torch.zeros_like(mask.mask)
+        # One read per gradient gives each unit's statistic; a NaN/inf anywhere makes a statistic non-finite, so
+        # the same values are the non-finite check (one host sync for all layers).
+        per_feature = self.granularity == "weight"
+        statistic = self.normalize if self.normalize != "none" else "max_abs"
+        stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
+        if not bool(torch.isfinite(torch.cat(stats)).all()):
             self.steps_skipped_nonfinite += 1
             if "nonfinite" not in self._warned:
                 self._warned.add("nonfinite")
@@ -525,30 +592,27 @@ class SparseConnectivityLearning(Callback):
             self._mask_optimizer.zero_grad(set_to_none=True)
             return
 
-        scales = self._scales(pl_module)
-        for mask in self._masks.values():
-            grad = mask.mask.grad
-            if grad is None:
-                grad = mask.mask.grad = torch.zeros_like(mask.mask)
-            elif scale != 1.0:
-                grad.div_(scale)
-            normalize_mask_gradient_(grad, mask.feature_dim, self.normalize, per_feature=self.granularity == "weight")
-        step = trainer.global_step
-        log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
-        # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
         kept_by_layer: dict[str, torch.Tensor] = {}
+        # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
         if self.target_density is not None or log_now:
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
-            kept = torch.stack(list(kept_by_layer.values())).sum()
-            density = float(kept) / sum(mask.numel_connections for mask in self._masks.values())
         if self.target_density is not None:
-            self._update_lambda(density, self._progress(trainer), trainer.estimated_stepping_batches)
-        lam = self.lam
-        if lam > 0:
-            for name, mask in self._masks.items():
-                pressure = lam * scales[name]
+            self._update_lambda(
+                self._density_of(kept_by_layer), self._progress(trainer), trainer.estimated_stepping_batches
+            )
+        scales = self._scales(pl_module)
+        # The normalization makes the task gradient scale-free, so AMP's loss scale only matters without it.
+        amp_scale = self._gradient_scale(trainer) if self.normalize == "none" else 1.0
+        identity_proxy = self.ste == "identity"
+        for (name, mask), stat in zip(self._masks.items(), stats):
+            grad = mask.mask.grad
+            inverse = _inverse_statistic(stat) if self.normalize != "none" else stat.new_full(stat.shape, 1 / amp_scale)
+            pressure = self.lam * scales[name]
+            # Identity STE: the regularizer's gradient is the constant pressure, added in the same pass.
+            _scale_rows_and_add_(grad, inverse, mask.feature_dim, pressure if identity_proxy else 0.0, per_feature)
+            if not identity_proxy and pressure > 0:
                 proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
-                mask.mask.grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
+                grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
         self._mask_optimizer.step()
         self._mask_optimizer.zero_grad(set_to_none=True)
 
@@ -557,12 +621,22 @@ class SparseConnectivityLearning(Callback):
         if self.protect_pruned_weights:
             self._snapshot_pruned_weights(trainer)
         if log_now:
-            self._warn_collapsed(kept_by_layer)
-            reg_value = lam * sum(
-                scales[name] / self._masks[name].connections_per_variable * float(k)
-                for name, k in kept_by_layer.items()
-            )
-            self._log_step(pl_module, step, density, float(kept), reg_value, kept_by_layer)
+            self._log_counts(pl_module, step, kept_by_layer, scales)
+
+    def _density_of(self, kept_by_layer: dict[str, torch.Tensor]) -> float:
+        kept = torch.stack(list(kept_by_layer.values())).sum()
+        return float(kept) / sum(mask.numel_connections for mask in self._masks.values())
+
+    def _log_counts(
+        self, pl_module: L.LightningModule, step: int, kept_by_layer: dict[str, torch.Tensor], scales: dict[str, float]
+    ) -> None:
+        self._warn_collapsed(kept_by_layer)
+        kept = float(torch.stack(list(kept_by_layer.values())).sum())
+        density = kept / sum(mask.numel_connections for mask in self._masks.values())
+        reg_value = self.lam * sum(
+            scales[name] / self._masks[name].connections_per_variable * float(k) for name, k in kept_by_layer.items()
+        )
+        self._log_step(pl_module, step, density, kept, reg_value, kept_by_layer)
 
     def _warn_collapsed(self, kept_by_layer: dict[str, torch.Tensor]) -> None:
         for name, kept in kept_by_layer.items():
@@ -573,12 +647,6 @@ class SparseConnectivityLearning(Callback):
                     "output no longer depends on its input through it. Lower lam / raise target_density, exclude the "
                     "layer, or set min_density_per_layer (e.g. 0.01)."
                 )
-
-    @staticmethod
-    def _all_finite(grads: list[torch.Tensor | None]) -> bool:
-        # One reduction per tensor and a single host sync: a NaN or inf anywhere makes the sum non-finite.
-        sums = [g.sum() for g in grads if g is not None]
-        return bool(torch.isfinite(torch.stack(sums)).all())
 
     def _update_lambda(self, density: float, progress: float, total_steps: float) -> None:
         """Multiplicative control of ``lam`` on the log-density error, looking ahead along the recent trend.
@@ -632,7 +700,7 @@ class SparseConnectivityLearning(Callback):
             return
         with torch.no_grad():
             for original, before, mask in self._weight_snapshot:
-                original.copy_(torch.where(mask.gate().expand_as(original), original, before))
+                torch.where(mask.gate(), original, before, out=original)
         self._weight_snapshot = None
 
     # ------------------------------------------------------------------ logging
