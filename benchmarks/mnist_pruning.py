@@ -81,6 +81,15 @@ def weight_density(model: nn.Module) -> float:
     return sum(int((w != 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+def layer_densities(model: nn.Module) -> dict[str, float]:
+    """Kept fraction per Linear/Conv layer (the effective weight ``W * H(m)`` for SCL, exact zeros otherwise)."""
+    return {
+        name: round(float((module.weight != 0).float().mean()), 5)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    }
+
+
 def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     L.seed_everything(seed, workers=True)
     data = MNISTDataModule(
@@ -94,12 +103,16 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 lam=args.lam,
                 target_density=None if args.lam is not None else args.density,
                 ramp_end=args.ramp,
-                freeze_masks_at=args.freeze,
+                freeze_masks_at=None if args.no_freeze else args.freeze,
                 mask_lr=args.mask_lr,
+                mask_momentum=args.mask_momentum,
+                mask_lr_schedule=args.mask_lr_schedule,
+                protect_pruned_weights=not args.no_protect,
                 mask_init=args.mask_init,
                 ste=args.ste,
                 normalize=args.normalize,
                 regularizer=args.regularizer,
+                fan_in_exponent=args.fan_in_exponent,
             )
         )
         if args.ste_slope is not None:
@@ -129,12 +142,14 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "method": args.method,
         "target_density": None if args.method == "dense" or args.lam is not None else args.density,
         "density": weight_density(model),
+        "layer_density": layer_densities(model),
         "test_acc": test["test/acc"],
         "test_error_pct": 100 * (1 - test["test/acc"]),
         "seed": seed,
         "epochs": args.epochs,
         "fit_seconds": round(fit_seconds, 1),
-        "config": {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir", "smoke")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir", "smoke")}
+        | ({"fan_in_exponent": callbacks[0].fan_in_exponent} if args.method == "scl" else {}),
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
@@ -152,13 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--ramp", type=float, default=0.6, help="fraction of training over which density ramps down")
-    parser.add_argument("--freeze", type=float, default=None, help="SCL: freeze masks after this fraction")
+    parser.add_argument("--freeze", type=float, default=0.7, help="SCL: freeze masks after this fraction")
+    parser.add_argument("--no-freeze", action="store_true", help="SCL: never freeze the masks (freeze_masks_at=None)")
     parser.add_argument("--mask-lr", type=float, default=0.01)
+    parser.add_argument("--mask-momentum", type=float, default=0.9)
+    parser.add_argument("--no-protect", action="store_true", help="SCL: protect_pruned_weights=False")
+    parser.add_argument("--mask-lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--mask-init", type=float, default=1.0)
     parser.add_argument("--ste", default="identity")
     parser.add_argument("--ste-slope", type=float, default=None, help="leaky_relu proxy slope (may be invalid)")
     parser.add_argument("--normalize", default="mean_abs")
     parser.add_argument("--regularizer", default="connections")
+    parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--data-dir", default="data")
@@ -167,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 epochs x 3 steps on 512 samples, no output")
     args = parser.parse_args(argv)
+    if args.no_freeze:
+        args.freeze = None
     if args.smoke:
         args.epochs, args.max_steps, args.train_subset = 2, 6, 512
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
