@@ -429,8 +429,7 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"need a finite training length",
         fix=r"set Trainer\(max_epochs=\.\.\.\) or Trainer\(max_steps=\.\.\.\)",
-        says="ValueError: target_density and a fractional freeze_masks_at (default 0.7) need a finite training "
-        "length",
+        says="ValueError: target_density and a fractional freeze_masks_at (default 0.7) need a finite training length",
         todo="Set `max_epochs` or `max_steps` (the density schedule and the default freeze point are fractions of "
         "training), or use `lam` with `freeze_masks_at=None` or an epoch number.",
     ),

@@ -11,6 +11,7 @@ from lightning_scl.masking import (
     has_masks,
     inject_masks,
     iter_masks,
+    mask_gradient_statistic,
     masked_weight,
     normalize_mask_gradient_,
     strip_masks,
@@ -85,6 +86,17 @@ def test_normalization_gives_statistic_one_per_feature(statistic, feature_dim):
         "max_abs": rows.abs().amax(1),
     }[statistic]
     torch.testing.assert_close(stat, torch.ones_like(stat))
+
+
+@pytest.mark.parametrize("statistic", ["mean_abs", "l2", "max_abs"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_statistic_is_non_finite_exactly_in_rows_with_a_non_finite_gradient(statistic, bad):
+    # The callback relies on this to skip a step with NaN/inf mask gradients without a separate pass.
+    grad = torch.randn(4, 6)
+    grad[2, 3] = bad
+    finite = torch.isfinite(mask_gradient_statistic(grad, 0, statistic))
+    assert finite.tolist() == [True, True, False, True]
+    assert not torch.isfinite(mask_gradient_statistic(grad, 0, statistic, per_feature=False)).all()
 
 
 def test_normalization_keeps_zero_rows_zero_and_none_is_identity():

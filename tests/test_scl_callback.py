@@ -355,6 +355,17 @@ def test_logs_density_connections_lambda_reg_loss(tmp_path):
     assert float(last["scl/reg_loss"]) == pytest.approx(0.2 * kept, rel=1e-6)
 
 
+def test_metrics_keep_coming_after_the_freeze(tmp_path):
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.2, freeze_masks_at=0.5)
+    logger = CSVLogger(tmp_path, name="run")
+    fit(MLP(), [scl], max_epochs=1, logger=logger, log_every_n_steps=1)  # 8 optimizer steps
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("scl/density")]
+    assert scl.frozen
+    assert steps == list(range(8))
+
+
 def test_progress_bar_shows_density(capsys):
     torch.manual_seed(0)
     trainer = fit(MLP(), [SparseConnectivityLearning(lam=0.1)], max_steps=3, enable_progress_bar=True)
