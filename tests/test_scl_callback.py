@@ -366,6 +366,26 @@ def test_metrics_keep_coming_after_the_freeze(tmp_path):
     assert steps == list(range(8))
 
 
+class GradFlagSpy(Callback):
+    def __init__(self, scl):
+        self.scl, self.seen = scl, []
+
+    def on_after_backward(self, trainer, pl_module):
+        mask = next(iter(self.scl.masks.values())).mask
+        self.seen.append((self.scl.frozen, mask.requires_grad, mask.grad is not None))
+
+
+def test_frozen_masks_skip_their_gradient_and_are_trainable_again_after_fit():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.2, freeze_masks_at=0.5)
+    spy = GradFlagSpy(scl)
+    model = MLP()
+    fit(model, [scl, spy], max_epochs=1)  # 8 optimizer steps, frozen from step 4
+    assert spy.seen[:4] == [(False, True, True)] * 4
+    assert spy.seen[5:] == [(True, False, False)] * 3  # backward no longer computes g * W for the masks
+    assert all(mask.mask.requires_grad for mask in scl.masks.values())
+
+
 def test_progress_bar_shows_density(capsys):
     torch.manual_seed(0)
     trainer = fit(MLP(), [SparseConnectivityLearning(lam=0.1)], max_steps=3, enable_progress_bar=True)

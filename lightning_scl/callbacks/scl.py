@@ -368,6 +368,15 @@ class SparseConnectivityLearning(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unwrap_methods()
+        for mask in self._masks.values():  # leave the model as trainable as it came
+            mask.mask.requires_grad_(True)
+
+    def _set_mask_gradients(self, trainer: L.Trainer) -> None:
+        # Frozen masks need no gradient: backward then skips ``g * W`` for every masked layer. Under a multi-process
+        # strategy the flag stays on, since DDP expects a gradient for every parameter that had one at wrap time.
+        needed = not self._frozen or trainer.world_size > 1
+        for mask in self._masks.values():
+            mask.mask.requires_grad_(needed)
 
     # ------------------------------------------------------------------ fit start / resume
 
@@ -389,6 +398,7 @@ class SparseConnectivityLearning(Callback):
         )
         if self._pending_state is not None:
             self._load_pending_state()
+        self._set_mask_gradients(trainer)  # a run resumed after the freeze starts frozen
         for optimizer in trainer.optimizers:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if any(id(p) in held for p in params):
@@ -557,6 +567,7 @@ class SparseConnectivityLearning(Callback):
             return
         if not self._frozen and self._should_freeze(trainer):
             self._frozen = True
+            self._set_mask_gradients(trainer)
             rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
         step = trainer.global_step
         log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
