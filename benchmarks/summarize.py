@@ -91,6 +91,17 @@ def headline(runs: list[dict]) -> str:
 
 def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
     rows = [r for r in runs if r.get("tag") == "side_by_side"]
+    # A headline SCL run with the same model, density and epochs as a side-by-side ModelPruning run is the same
+    # experiment (only more seeds): use it where no side-by-side SCL run exists.
+    compared = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "modelpruning"}
+    have_scl = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "scl"}
+    rows += [
+        r
+        for r in runs
+        if r.get("tag") == "headline"
+        and (key := (r["model"], r["target_density"], r["epochs"])) in compared
+        and key not in have_scl
+    ]
     lines = [
         "| model | target density % | ModelPruning acc % (density %) | SCL acc % (density %) | SCL - MP (points) |",
         "|---|---:|---:|---:|---:|",
@@ -108,7 +119,8 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
             if not rs:
                 return "-", None
             acc = statistics.mean(100 * r["test_acc"] for r in rs)
-            return f"{acc:.2f} ({statistics.mean(100 * r['density'] for r in rs):.2f})", acc
+            seeds = f", mean of {len(rs)} seeds" if len(rs) > 1 else ""
+            return f"{acc:.2f} ({statistics.mean(100 * r['density'] for r in rs):.2f}{seeds})", acc
 
         mp, mp_acc = cell(methods.get("modelpruning", []))
         scl, scl_acc = cell(methods.get("scl", []))
@@ -159,13 +171,23 @@ def ablations(runs: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         cfg = r["config"]
+        # Runs recorded before an option existed ran with what is now its "off" value.
         setting = f"ste={cfg['ste']}, normalize={cfg['normalize']}, mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
-        setting += f", regularizer={cfg['regularizer']}"
+        setting += f", regularizer={cfg['regularizer']}, fan_in_exponent={cfg.get('fan_in_exponent') or 0:g}"
         setting += f", freeze={cfg.get('freeze')}, density={100 * r['target_density']:g}%"
+        if cfg.get("mask_lr_schedule", "constant") != "constant":
+            setting += f", mask_lr_schedule={cfg['mask_lr_schedule']}"
+        if cfg.get("no_protect"):
+            setting += ", protect_pruned_weights=False"
         if cfg.get("ste_slope") is not None:
             setting += f", ste_slope={cfg['ste_slope']}"
-        groups[(r["tag"][len("ablation:") :], setting, r["epochs"])].append(r)
-    for (name, setting, epochs), rs in sorted(groups.items()):
+        groups[(setting, r["epochs"])].append(r)
+    named = []
+    for (setting, epochs), rs in groups.items():
+        # An ablation run that happens to use every default setting (e.g. an extra seed) joins the defaults row.
+        tags = {r["tag"][len("ablation:") :] for r in rs}
+        named.append(("defaults" if "defaults" in tags else sorted(tags)[0], setting, epochs, rs))
+    for name, setting, epochs, rs in sorted(named, key=lambda row: row[:3]):
         acc = [100 * r["test_acc"] for r in rs]
         dens = [100 * r["density"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
