@@ -132,6 +132,16 @@ def test_dense_flops_counted_once_per_fit(tmp_path, monkeypatch):
     assert scl._reg_scales is not None and scl._reg_scales["conv2"] > scl._reg_scales["fc1"]
 
 
+def test_flops_regularizer_warns_when_layer_costs_differ_widely_without_a_floor(tmp_path):
+    # TinyLeNet: a conv1 weight is used at 144 output positions, a Linear weight once.
+    with pytest.warns(UserWarning, match=r"regularizer='flops'.*'conv1'.*min_density_per_layer"):
+        fit(tmp_path, TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!SparseConnectivityLearning: with regularizer)")
+        fit(tmp_path / "floor", TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2, min_density_per_layer=0.05)
+
+
 def test_report_false_logs_and_writes_nothing_extra(tmp_path):
     trainer, scl = fit(tmp_path, TinyLeNet(), max_steps=2, report=False)
     assert "scl/density" in trainer.logged_metrics and "scl/flops" not in trainer.logged_metrics
