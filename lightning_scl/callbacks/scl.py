@@ -94,8 +94,9 @@ class SparseConnectivityLearning(Callback):
             of its layer; the scales keep mean 1). Per-unit normalization gives every row of task gradients mean
             magnitude 1, so the few useful inputs of a wide layer (784 pixels) look up to ``fan_in`` times more
             useful than those of a narrow one (100 hidden units) and narrow layers are over-pruned; the exponent
-            compensates. ``None`` (default): 0.5 for ``granularity="weight"`` (measured best: see the benchmarks
-            page), 0 for ``"channel"`` (normalized per layer, so rows do not apply).
+            compensates. ``None`` (default): 0.5 for ``granularity="weight"`` (on LeNet-5-Caffe at 0.9% it kept the
+            first convolution at 34% instead of 4%: 98.99% against 98.55%; see the benchmarks page), 0 for
+            ``"channel"`` (normalized per layer, so rows do not apply).
         mask_lr: learning rate of the mask optimizer (SGD).
         mask_momentum: momentum of the mask optimizer.
         mask_lr_schedule: ``"constant"``, or ``"cosine"``: the mask learning rate decays from ``mask_lr`` to 0 at
