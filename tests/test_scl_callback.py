@@ -201,6 +201,45 @@ def test_constant_mask_lr_by_default():
     assert scl.lrs == [0.2] * 6
 
 
+class FakeLossScale(Callback):
+    """fp16 AMP as the masks see it: gradients multiplied by the scaler's scale (CPU has no GradScaler)."""
+
+    scale = 1024.0
+
+    def on_fit_start(self, trainer, pl_module):
+        scale = self.scale
+
+        class Scaler:
+            def is_enabled(self):
+                return True
+
+            def get_scale(self):
+                return scale
+
+        trainer.precision_plugin.scaler = Scaler()
+
+    def on_after_backward(self, trainer, pl_module):
+        for module in pl_module.modules():
+            for mask in getattr(getattr(module, "parametrizations", None), "weight", []):
+                if getattr(mask, "mask", None) is not None and mask.mask.grad is not None:
+                    mask.mask.grad.mul_(self.scale)
+
+
+@pytest.mark.parametrize("normalize", ["mean_abs", "none"])
+def test_loss_scale_does_not_change_the_mask_update(normalize):
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = MLP()
+        scl = SparseConnectivityLearning(lam=0.05, normalize=normalize, mask_lr=0.05, freeze_masks_at=None)
+        fit(model, [scl, *callbacks], max_steps=6)
+        return masks_of(scl)
+
+    plain, scaled = run([]), run([FakeLossScale()])
+    for name in plain:
+        torch.testing.assert_close(scaled[name], plain[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(m, torch.ones_like(m)) for m in plain.values())  # the masks did move
+
+
 class SwitchOffHalfTheHead(Callback):
     def on_fit_start(self, trainer, pl_module):
         with torch.no_grad():
