@@ -181,7 +181,8 @@ def ablations(runs: list[dict]) -> str:
             setting += ", protect_pruned_weights=False"
         if cfg.get("ste_slope") is not None:
             setting += f", ste_slope={cfg['ste_slope']}"
-        groups[(setting, r["epochs"])].append(r)
+        if all(other["seed"] != r["seed"] for other in groups[(setting, r["epochs"])]):  # one run per seed
+            groups[(setting, r["epochs"])].append(r)
     named = []
     for (setting, epochs), rs in groups.items():
         # An ablation run that happens to use every default setting (e.g. an extra seed) joins the defaults row.
