@@ -30,15 +30,17 @@ def fit(model, callbacks, data=None, **trainer_kwargs):
 
 
 class GradSpy(SparseConnectivityLearning):
-    """Records the mask gradients the mask optimizer is about to apply."""
+    """Records the mask gradients and learning rate the mask optimizer is about to apply."""
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
         self.seen: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[float] = []
         step = self._mask_optimizer.step
 
         def spy_step(*args, **kwargs):
             self.seen.append({name: m.mask.grad.clone() for name, m in self.masks.items()})
+            self.lrs.append(self._mask_optimizer.param_groups[0]["lr"])
             return step(*args, **kwargs)
 
         self._mask_optimizer.step = spy_step
@@ -172,22 +174,9 @@ def test_default_fan_in_exponent_depends_on_granularity():
     assert SparseConnectivityLearning(granularity="channel").fan_in_exponent == 0.0
 
 
-class LrSpy(SparseConnectivityLearning):
-    def on_fit_start(self, trainer, pl_module):
-        super().on_fit_start(trainer, pl_module)
-        self.lrs: list[float] = []
-        step = self._mask_optimizer.step
-
-        def spy_step(*args, **kwargs):
-            self.lrs.append(self._mask_optimizer.param_groups[0]["lr"])
-            return step(*args, **kwargs)
-
-        self._mask_optimizer.step = spy_step
-
-
 def test_cosine_mask_lr_decays_to_zero_at_the_freeze_point():
     torch.manual_seed(0)
-    scl = LrSpy(lam=0.1, mask_lr=0.2, mask_lr_schedule="cosine", freeze_masks_at=0.5)
+    scl = GradSpy(lam=0.1, mask_lr=0.2, mask_lr_schedule="cosine", freeze_masks_at=0.5)
     fit(MLP(), [scl], max_steps=20, max_epochs=5)  # 8 batches per epoch: the step limit ends the run
     assert len(scl.lrs) == 10  # masks step until half of the 20 steps, then freeze
     assert scl.lrs[0] == pytest.approx(0.2)
@@ -196,7 +185,7 @@ def test_cosine_mask_lr_decays_to_zero_at_the_freeze_point():
 
 
 def test_constant_mask_lr_by_default():
-    scl = LrSpy(lam=0.1, mask_lr=0.2, freeze_masks_at=None)
+    scl = GradSpy(lam=0.1, mask_lr=0.2, freeze_masks_at=None)
     fit(MLP(), [scl], max_steps=6)
     assert scl.lrs == [0.2] * 6
 

@@ -622,7 +622,7 @@ class SparseConnectivityLearning(Callback):
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
         if self.target_density is not None:
             self._update_lambda(
-                self._density_of(kept_by_layer), self._progress(trainer), trainer.estimated_stepping_batches
+                self._kept_and_density(kept_by_layer)[1], self._progress(trainer), trainer.estimated_stepping_batches
             )
         scales = self._scales(pl_module)
         # The normalization makes the task gradient scale-free, so AMP's loss scale only matters without it.
@@ -647,16 +647,15 @@ class SparseConnectivityLearning(Callback):
         if log_now:
             self._log_counts(pl_module, step, kept_by_layer, scales)
 
-    def _density_of(self, kept_by_layer: dict[str, torch.Tensor]) -> float:
-        kept = torch.stack(list(kept_by_layer.values())).sum()
-        return float(kept) / sum(mask.numel_connections for mask in self._masks.values())
+    def _kept_and_density(self, kept_by_layer: dict[str, torch.Tensor]) -> tuple[float, float]:
+        kept = float(torch.stack(list(kept_by_layer.values())).sum())  # one host sync for all layers
+        return kept, kept / sum(mask.numel_connections for mask in self._masks.values())
 
     def _log_counts(
         self, pl_module: L.LightningModule, step: int, kept_by_layer: dict[str, torch.Tensor], scales: dict[str, float]
     ) -> None:
         self._warn_collapsed(kept_by_layer)
-        kept = float(torch.stack(list(kept_by_layer.values())).sum())
-        density = kept / sum(mask.numel_connections for mask in self._masks.values())
+        kept, density = self._kept_and_density(kept_by_layer)
         reg_value = self.lam * sum(
             scales[name] / self._masks[name].connections_per_variable * float(k) for name, k in kept_by_layer.items()
         )
