@@ -111,6 +111,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 mask_init=args.mask_init,
                 ste=args.ste,
                 normalize=args.normalize,
+                normalize_over=args.normalize_over,
                 regularizer=args.regularizer,
                 fan_in_exponent=args.fan_in_exponent,
             )
@@ -149,7 +150,11 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "epochs": args.epochs,
         "fit_seconds": round(fit_seconds, 1),
         "config": {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir", "smoke")}
-        | ({"fan_in_exponent": callbacks[0].fan_in_exponent} if args.method == "scl" else {}),
+        | (
+            {"fan_in_exponent": callbacks[0].fan_in_exponent, "normalize_over": callbacks[0].normalize_over}
+            if args.method == "scl"
+            else {}
+        ),
         "torch": torch.__version__,
         "machine": platform.machine(),
     }
@@ -177,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ste", default="identity")
     parser.add_argument("--ste-slope", type=float, default=None, help="leaky_relu proxy slope (may be invalid)")
     parser.add_argument("--normalize", default="mean_abs")
+    parser.add_argument("--normalize-over", choices=["unit", "layer"], default=None, help="SCL: None = default")
     parser.add_argument("--regularizer", default="connections")
     parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
     parser.add_argument("--train-subset", type=int, default=None)

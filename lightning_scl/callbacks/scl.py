@@ -32,6 +32,7 @@ __all__ = ["REGULARIZERS", "SparseConnectivityLearning"]
 
 REGULARIZERS = ("connections", "flops")
 MASK_LR_SCHEDULES = ("constant", "cosine")
+NORMALIZE_SCOPES = ("unit", "layer")
 CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
@@ -84,8 +85,12 @@ class SparseConnectivityLearning(Callback):
         mask_init: initial mask value ``m0 > 0`` (all connections start on; larger = slower to prune).
         ste: straight-through estimator: ``"identity"``, ``"leaky_relu"`` or ``"softplus"``.
         ste_slope: proxy slope below the threshold for ``ste="leaky_relu"`` (must be > 0).
-        normalize: per-feature statistic the task gradient is divided by: ``"mean_abs"``, ``"l2"``,
-            ``"max_abs"`` or ``"none"``.
+        normalize: statistic the task gradient is divided by: ``"mean_abs"``, ``"l2"``, ``"max_abs"`` or
+            ``"none"``.
+        normalize_over: what shares one statistic: ``"unit"`` (each output unit's row of mask gradients, the
+            paper's per-feature normalization) or ``"layer"`` (the whole layer: rows keep their relative scale, so
+            a unit whose connections matter little is not amplified to the same scale as one that matters a lot).
+            ``None``: ``"unit"`` for ``granularity="weight"``, ``"layer"`` for ``"channel"`` (one variable per unit).
         regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
             per sample, scaled to mean 1; needs an example input). Where layers differ widely in MACs per
             connection (convolutions next to fully connected layers), pair ``"flops"`` with
@@ -141,6 +146,7 @@ class SparseConnectivityLearning(Callback):
         ste: str = "identity",
         ste_slope: float = 0.1,
         normalize: str = "mean_abs",
+        normalize_over: str | None = None,
         regularizer: str = "connections",
         fan_in_exponent: float | None = None,
         mask_lr: float = 0.01,
@@ -178,6 +184,15 @@ class SparseConnectivityLearning(Callback):
             )
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
+        if normalize_over is None:
+            normalize_over = "unit" if granularity == "weight" else "layer"
+        if normalize_over not in NORMALIZE_SCOPES:
+            raise ValueError(f"normalize_over must be one of {list(NORMALIZE_SCOPES)}, got {normalize_over!r}")
+        if normalize_over == "unit" and granularity == "channel":
+            raise ValueError(
+                "normalize_over='unit' needs granularity='weight': a channel mask has one variable per unit, so "
+                "per-unit normalization would reduce every gradient to its sign. Use normalize_over='layer'."
+            )
         if regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {list(REGULARIZERS)}, got {regularizer!r}")
         if not mask_init > 0:
@@ -221,6 +236,7 @@ class SparseConnectivityLearning(Callback):
         self.ste = ste
         self.ste_slope = float(ste_slope)
         self.normalize = normalize
+        self.normalize_over = normalize_over
         self.regularizer = regularizer
         self.mask_lr = float(mask_lr)
         self.mask_momentum = float(mask_momentum)
@@ -602,7 +618,7 @@ class SparseConnectivityLearning(Callback):
                 mask.mask.grad = torch.zeros_like(mask.mask)
         # One read per gradient gives each unit's statistic; a NaN/inf anywhere makes a statistic non-finite, so
         # the same values are the non-finite check (one host sync for all layers).
-        per_feature = self.granularity == "weight"
+        per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
         stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
         if not bool(torch.isfinite(torch.cat(stats)).all()):
