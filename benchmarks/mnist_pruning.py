@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ste", default="identity")
     parser.add_argument("--ste-slope", type=float, default=None, help="leaky_relu proxy slope (may be invalid)")
     parser.add_argument("--normalize", default="mean_abs")
-    parser.add_argument("--normalize-over", choices=["unit", "layer"], default=None, help="SCL: None = default")
+    parser.add_argument(
+        "--normalize-over", choices=["unit", "layer", "network"], default=None, help="SCL: default if None"
+    )
     parser.add_argument("--regularizer", default="connections")
     parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
     parser.add_argument("--train-subset", type=int, default=None)

@@ -172,7 +172,8 @@ def ablations(runs: list[dict]) -> str:
     for r in rows:
         cfg = r["config"]
         # Runs recorded before an option existed ran with what is now its "off" value.
-        setting = f"ste={cfg['ste']}, normalize={cfg['normalize']}, mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
+        setting = f"ste={cfg['ste']}, normalize={cfg['normalize']} per {cfg.get('normalize_over') or 'unit'}"
+        setting += f", mask_lr={cfg['mask_lr']}, init={cfg['mask_init']}"
         setting += f", regularizer={cfg['regularizer']}, fan_in_exponent={cfg.get('fan_in_exponent') or 0:g}"
         setting += f", freeze={cfg.get('freeze')}, density={100 * r['target_density']:g}%"
         if cfg.get("mask_lr_schedule", "constant") != "constant":

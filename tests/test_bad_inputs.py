@@ -382,6 +382,17 @@ CASES: list[Case] = [
         todo="Use `mean_abs` (default), `l2`, `max_abs` or `none`.",
     ),
     Case(
+        id="scl-unit-normalization-on-channel-masks",
+        did='`SparseConnectivityLearning(granularity="channel", normalize_over="unit")`',
+        make=call(SparseConnectivityLearning, granularity="channel", normalize_over="unit"),
+        raises=ValueError,
+        problem=r"normalize_over='unit' needs granularity='weight'",
+        fix=r"Use normalize_over='layer'",
+        says="ValueError: normalize_over='unit' needs granularity='weight': a channel mask has one variable per unit, "
+        "so per-unit normalization would reduce every gradient to its sign. Use normalize_over='layer'.",
+        todo="Leave `normalize_over` unset (channel masks are normalized per layer) or set it to `layer`.",
+    ),
+    Case(
         id="scl-unknown-granularity",
         did='`SparseConnectivityLearning(granularity="filter")`',
         make=call(SparseConnectivityLearning, granularity="filter"),

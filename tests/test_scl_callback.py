@@ -88,6 +88,19 @@ def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
         torch.testing.assert_close(stat[alive], torch.ones_like(stat[alive]))
 
 
+def test_layer_normalization_keeps_the_relative_scale_of_units():
+    raw, layer = GradSpy(lam=0.0, normalize="none"), GradSpy(lam=0.0, normalize_over="layer")
+    for scl in (raw, layer):
+        torch.manual_seed(0)
+        fit(MLP(), [scl], max_steps=1)
+    for name, grad in layer.seen[0].items():
+        torch.testing.assert_close(grad.abs().mean(), torch.tensor(1.0))
+        before = raw.seen[0][name]  # same seed: the raw task gradient of the same step
+        torch.testing.assert_close(grad, before / before.abs().mean())
+        per_unit = grad.abs().mean(dim=1)
+        assert per_unit.max() > 1.5 * per_unit[per_unit > 0].min()  # units are not equalized to 1
+
+
 def test_density_falls_monotonically_as_lam_rises():
     densities = []
     for lam in (0.02, 0.2, 1.0):

@@ -32,7 +32,7 @@ __all__ = ["REGULARIZERS", "SparseConnectivityLearning"]
 
 REGULARIZERS = ("connections", "flops")
 MASK_LR_SCHEDULES = ("constant", "cosine")
-NORMALIZE_SCOPES = ("unit", "layer")
+NORMALIZE_SCOPES = ("unit", "layer", "network")
 CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
@@ -48,6 +48,17 @@ def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
     if isinstance(obj, (list, tuple)):
         return [opt for value in obj for opt in _optimizers_in(value)]
     return []
+
+
+def _network_statistic(layer_stats: list[torch.Tensor], counts: list[int], statistic: str) -> torch.Tensor:
+    """Combine per-layer statistics into the one the concatenated gradients of all layers would have."""
+    stacked = torch.cat([s.reshape(1) for s in layer_stats])
+    if statistic == "max_abs":
+        return stacked.max().reshape(1)
+    weights = stacked.new_tensor(counts) / sum(counts)
+    if statistic == "l2":  # root mean square: average the mean squares
+        return (stacked.square() * weights).sum().sqrt().reshape(1)
+    return (stacked * weights).sum().reshape(1)
 
 
 def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
@@ -89,7 +100,8 @@ class SparseConnectivityLearning(Callback):
             ``"none"``.
         normalize_over: what shares one statistic: ``"unit"`` (each output unit's row of mask gradients, the
             paper's per-feature normalization) or ``"layer"`` (the whole layer: rows keep their relative scale, so
-            a unit whose connections matter little is not amplified to the same scale as one that matters a lot).
+            a unit whose connections matter little is not amplified to the same scale as one that matters a lot)
+            or ``"network"`` (one statistic for all masked layers: layers keep their relative scale too).
             ``None``: ``"unit"`` for ``granularity="weight"``, ``"layer"`` for ``"channel"`` (one variable per unit).
         regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
             per sample, scaled to mean 1; needs an example input). Where layers differ widely in MACs per
@@ -621,6 +633,8 @@ class SparseConnectivityLearning(Callback):
         per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
         stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
+        if self.normalize_over == "network":
+            stats = [_network_statistic(stats, [m.mask.numel() for m in masks], statistic)] * len(masks)
         if not bool(torch.isfinite(torch.cat(stats)).all()):
             self.steps_skipped_nonfinite += 1
             if "nonfinite" not in self._warned:
