@@ -88,17 +88,25 @@ def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
         torch.testing.assert_close(stat[alive], torch.ones_like(stat[alive]))
 
 
-def test_layer_normalization_keeps_the_relative_scale_of_units():
-    raw, layer = GradSpy(lam=0.0, normalize="none"), GradSpy(lam=0.0, normalize_over="layer")
-    for scl in (raw, layer):
+@pytest.mark.parametrize("scope", ["layer", "network"])
+def test_layer_and_network_normalization_keep_the_relative_scale_of_units(scope):
+    raw, scoped = GradSpy(lam=0.0, normalize="none"), GradSpy(lam=0.0, normalize_over=scope)
+    for scl in (raw, scoped):
         torch.manual_seed(0)
         fit(MLP(), [scl], max_steps=1)
-    for name, grad in layer.seen[0].items():
-        torch.testing.assert_close(grad.abs().mean(), torch.tensor(1.0))
-        before = raw.seen[0][name]  # same seed: the raw task gradient of the same step
-        torch.testing.assert_close(grad, before / before.abs().mean())
+    before = raw.seen[0]  # same seed: the raw task gradients of the same step
+    everything = torch.cat([g.view(-1) for g in before.values()])
+    for name, grad in scoped.seen[0].items():
+        stat = before[name].abs().mean() if scope == "layer" else everything.abs().mean()
+        torch.testing.assert_close(grad, before[name] / stat)
         per_unit = grad.abs().mean(dim=1)
         assert per_unit.max() > 1.5 * per_unit[per_unit > 0].min()  # units are not equalized to 1
+    if scope == "network":
+        means = [g.abs().mean() for g in scoped.seen[0].values()]
+        assert max(means) > 1.5 * min(means)  # layers keep their relative scale
+        torch.testing.assert_close(
+            torch.cat([g.view(-1) for g in scoped.seen[0].values()]).abs().mean(), torch.tensor(1.0)
+        )
 
 
 def test_density_falls_monotonically_as_lam_rises():
