@@ -79,7 +79,7 @@ def test_zero_task_loss_gives_mask_gradient_lam():
 
 def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
     torch.manual_seed(0)
-    scl = GradSpy(lam=0.0)
+    scl = GradSpy(lam=0.0, normalize_over="unit")
     fit(MLP(), [scl], max_steps=1)
     for grad in scl.seen[0].values():
         stat = grad.abs().mean(dim=1)
@@ -91,6 +91,7 @@ def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
 @pytest.mark.parametrize("scope", ["layer", "network"])
 def test_layer_and_network_normalization_keep_the_relative_scale_of_units(scope):
     raw, scoped = GradSpy(lam=0.0, normalize="none"), GradSpy(lam=0.0, normalize_over=scope)
+    assert SparseConnectivityLearning().normalize_over == "layer"  # the default
     for scl in (raw, scoped):
         torch.manual_seed(0)
         fit(MLP(), [scl], max_steps=1)

@@ -79,9 +79,10 @@ class SparseConnectivityLearning(Callback):
 
     Each selected weight becomes ``W * H(m)``; the mask variables ``m`` are trained by their own SGD optimizer
     (the callback steps it, so the user's optimizer, its weight decay, its LR schedule and gradient clipping never
-    touch them). At every real optimizer step (after gradient accumulation and AMP unscaling) each output unit's
-    task gradient of ``m`` is normalized to statistic 1, then the connection-count regularizer adds ``lam`` per
-    connection (scaled by each connection's cost when ``regularizer="flops"``).
+    touch them). At every real optimizer step (after gradient accumulation and AMP unscaling) each layer's task
+    gradient of ``m`` is normalized to statistic 1 (or each unit's, or the network's: ``normalize_over``), then the
+    connection-count regularizer adds ``lam`` per connection (scaled by each connection's cost when
+    ``regularizer="flops"``).
 
     Args:
         lam: pressure per connection of the regularizer ``lam * connections kept``. Default 0.1 when neither
@@ -98,11 +99,11 @@ class SparseConnectivityLearning(Callback):
         ste_slope: proxy slope below the threshold for ``ste="leaky_relu"`` (must be > 0).
         normalize: statistic the task gradient is divided by: ``"mean_abs"``, ``"l2"``, ``"max_abs"`` or
             ``"none"``.
-        normalize_over: what shares one statistic: ``"unit"`` (each output unit's row of mask gradients, the
-            paper's per-feature normalization) or ``"layer"`` (the whole layer: rows keep their relative scale, so
-            a unit whose connections matter little is not amplified to the same scale as one that matters a lot)
-            or ``"network"`` (one statistic for all masked layers: layers keep their relative scale too).
-            ``None``: ``"unit"`` for ``granularity="weight"``, ``"layer"`` for ``"channel"`` (one variable per unit).
+        normalize_over: what shares one statistic: ``"layer"`` (default: each masked layer; units keep their
+            relative scale, so the masks of a unit whose connections matter little move little), ``"unit"`` (each
+            output unit's row, the paper's per-feature normalization; weight masks only) or ``"network"`` (one
+            statistic for all masked layers). On LeNet-300-100 at 1% density ``"layer"`` reached 97.74% against
+            97.44% for ``"unit"`` (three seeds each; ModelPruning 97.61%); see the benchmarks page.
         regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
             per sample, scaled to mean 1; needs an example input). Where layers differ widely in MACs per
             connection (convolutions next to fully connected layers), pair ``"flops"`` with
@@ -158,7 +159,7 @@ class SparseConnectivityLearning(Callback):
         ste: str = "identity",
         ste_slope: float = 0.1,
         normalize: str = "mean_abs",
-        normalize_over: str | None = None,
+        normalize_over: str = "layer",
         regularizer: str = "connections",
         fan_in_exponent: float | None = None,
         mask_lr: float = 0.01,
@@ -196,8 +197,6 @@ class SparseConnectivityLearning(Callback):
             )
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(NORMALIZATIONS)}, got {normalize!r}")
-        if normalize_over is None:
-            normalize_over = "unit" if granularity == "weight" else "layer"
         if normalize_over not in NORMALIZE_SCOPES:
             raise ValueError(f"normalize_over must be one of {list(NORMALIZE_SCOPES)}, got {normalize_over!r}")
         if normalize_over == "unit" and granularity == "channel":
