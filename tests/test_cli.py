@@ -62,6 +62,7 @@ def fitted_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
                 # the idiom the recipe headers document: init_args of the LAST callback (SCL)
                 "--trainer.callbacks.init_args.target_density=0.5",
                 "--trainer.callbacks.init_args.freeze_masks_at=null",  # 16 steps: keep every one for pruning
+                "--trainer.callbacks.init_args.mask_lr=0.2",  # and move the masks fast enough to prune in 16 steps
             ]
         )
     finally:

@@ -91,7 +91,6 @@ def test_normalized_task_gradient_has_unit_mean_abs_per_feature():
 @pytest.mark.parametrize("scope", ["layer", "network"])
 def test_layer_and_network_normalization_keep_the_relative_scale_of_units(scope):
     raw, scoped = GradSpy(lam=0.0, normalize="none"), GradSpy(lam=0.0, normalize_over=scope)
-    assert SparseConnectivityLearning().normalize_over == "layer"  # the default
     for scl in (raw, scoped):
         torch.manual_seed(0)
         fit(MLP(), [scl], max_steps=1)
@@ -191,9 +190,14 @@ def test_fan_in_exponent_scales_pressure_by_fan_in_with_mean_one():
     assert grads["head"][0, 0] > grads["net.0"][0, 0]  # the wider input gets more pressure per connection
 
 
-def test_default_fan_in_exponent_depends_on_granularity():
-    assert SparseConnectivityLearning().fan_in_exponent == 0.5
-    assert SparseConnectivityLearning(granularity="channel").fan_in_exponent == 0.0
+def test_defaults_of_normalization_scope_and_fan_in_exponent():
+    default = SparseConnectivityLearning()
+    assert (default.normalize_over, default.fan_in_exponent) == ("network", 0.0)
+    channel = SparseConnectivityLearning(granularity="channel")
+    assert (channel.normalize_over, channel.fan_in_exponent) == ("layer", 0.0)
+    # the exponent compensates per-unit normalization, so it is on by default only there
+    assert SparseConnectivityLearning(normalize_over="unit").fan_in_exponent == 0.5
+    assert SparseConnectivityLearning(normalize_over="unit", fan_in_exponent=0).fan_in_exponent == 0.0
 
 
 def test_cosine_mask_lr_decays_to_zero_at_the_freeze_point():
