@@ -79,10 +79,10 @@ class SparseConnectivityLearning(Callback):
 
     Each selected weight becomes ``W * H(m)``; the mask variables ``m`` are trained by their own SGD optimizer
     (the callback steps it, so the user's optimizer, its weight decay, its LR schedule and gradient clipping never
-    touch them). At every real optimizer step (after gradient accumulation and AMP unscaling) each layer's task
-    gradient of ``m`` is normalized to statistic 1 (or each unit's, or the network's: ``normalize_over``), then the
-    connection-count regularizer adds ``lam`` per connection (scaled by each connection's cost when
-    ``regularizer="flops"``).
+    touch them). At every real optimizer step (after gradient accumulation and AMP unscaling) the task gradients of
+    ``m`` are normalized to statistic 1 (over all masked layers by default; per layer or per unit with
+    ``normalize_over``), then the connection-count regularizer adds ``lam`` per connection (scaled by each
+    connection's cost when ``regularizer="flops"``).
 
     Args:
         lam: pressure per connection of the regularizer ``lam * connections kept``. Default 0.1 when neither
@@ -630,7 +630,7 @@ class SparseConnectivityLearning(Callback):
         for mask in masks:
             if mask.mask.grad is None:
                 mask.mask.grad = torch.zeros_like(mask.mask)
-        # One read per gradient gives each unit's statistic; a NaN/inf anywhere makes a statistic non-finite, so
+        # One read per gradient gives its statistics (per unit or per layer); a NaN/inf makes one non-finite, so
         # the same values are the non-finite check (one host sync for all layers).
         per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
