@@ -118,9 +118,10 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
         def cell(rs: list[dict]) -> tuple[str, float | None]:
             if not rs:
                 return "-", None
-            acc = statistics.mean(100 * r["test_acc"] for r in rs)
-            seeds = f", mean of {len(rs)} seeds" if len(rs) > 1 else ""
-            return f"{acc:.2f} ({statistics.mean(100 * r['density'] for r in rs):.2f}{seeds})", acc
+            accs = [100 * r["test_acc"] for r in rs]
+            seeds = f", {len(rs)} seeds" if len(rs) > 1 else ""
+            density = statistics.mean(100 * r["density"] for r in rs)
+            return f"{_mean_std(accs)} ({density:.2f}{seeds})", statistics.mean(accs)
 
         mp, mp_acc = cell(methods.get("modelpruning", []))
         scl, scl_acc = cell(methods.get("scl", []))
