@@ -109,6 +109,20 @@ def test_layer_and_network_normalization_keep_the_relative_scale_of_units(scope)
         )
 
 
+@pytest.mark.parametrize("statistic", ["mean_abs", "l2", "max_abs"])
+def test_network_statistic_equals_the_statistic_of_all_gradients_together(statistic):
+    from lightning_scl.callbacks.scl import _network_statistic
+    from lightning_scl.masking import mask_gradient_statistic
+
+    torch.manual_seed(0)
+    grads = [torch.randn(8, 16) * 0.01, torch.randn(4, 8) * 10.0, torch.randn(3, 4)]
+    per_layer = [mask_gradient_statistic(g, 0, statistic, per_feature=False) for g in grads]
+    combined = _network_statistic(per_layer, [g.numel() for g in grads], statistic)
+    everything = torch.cat([g.view(-1) for g in grads])
+    expected = mask_gradient_statistic(everything.view(1, -1), 0, statistic, per_feature=False)
+    torch.testing.assert_close(combined, expected)
+
+
 def test_density_falls_monotonically_as_lam_rises():
     densities = []
     for lam in (0.02, 0.2, 1.0):
