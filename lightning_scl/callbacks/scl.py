@@ -569,13 +569,13 @@ class SparseConnectivityLearning(Callback):
         self._reg_scales = scales
         spread = max(scales.values()) / max(min(scales.values()), 1e-12)
         if self.regularizer == "flops" and spread > 20 and self.min_density_per_layer == 0:
-            # Measured: on LeNet-5-Caffe at 0.9% this removed both convolutions entirely (accuracy 11%).
+            # Measured (per-unit normalization): on LeNet-5-Caffe at 0.9% this removed both convolutions (accuracy 11%).
             costly = max(scales, key=scales.get)
             rank_zero_warn(
                 f"SparseConnectivityLearning: with regularizer='flops' a connection of {costly!r} is pushed "
-                f"{spread:.0f}x harder than one of the cheapest layer, while normalization gives every layer the same "
-                "task-gradient scale; such layers tend to lose every connection. Set min_density_per_layer (e.g. "
-                "0.05) to keep a floor, or use regularizer='connections'."
+                f"{spread:.0f}x harder than one of the cheapest layer; such layers can lose every connection (both "
+                "convolutions of LeNet-5-Caffe did). Set min_density_per_layer (e.g. 0.05) to keep a floor, or use "
+                "regularizer='connections'."
             )
         return self._reg_scales
 
