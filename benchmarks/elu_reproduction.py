@@ -153,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/elu_<net>.json")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     max_steps = None
     if args.smoke:
         args.epochs, args.seeds, args.train_subset, max_steps = 1, [0], 256, 3
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         return
     out = args.out or RESULTS / f"elu_{args.net}.json"
-    meta = {"epochs": args.epochs, "seeds": args.seeds, "train_subset": args.train_subset, "torch": torch.__version__}
+    meta = {"epochs": args.epochs, "seeds": args.seeds, "train_subset": args.train_subset, "threads": args.threads}
+    meta["torch"] = torch.__version__
     meta["machine"] = platform.machine()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
