@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -48,6 +49,29 @@ ANCHORS = {
 }
 TARGETS = {"lenet300": (98.2, 0.015), "lenet5": (99.2, 0.004)}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
+
+
+@functools.cache
+def _dense_macs(model: str) -> dict[str, int]:
+    import torch  # here, not at the top: the ELU and smoke summaries need neither torch nor fvcore
+
+    from lightning_scl.accounting import dense_macs_by_layer
+    from lightning_scl.models import ImageClassifier
+
+    return dense_macs_by_layer(ImageClassifier(model), torch.zeros(1, 1, 28, 28))
+
+
+def _flops_pct(run: dict) -> float | None:
+    """Effective multiply-accumulates as % of dense: each layer's kept fraction times its dense MACs.
+
+    Exact for unstructured pruning of Linear/Conv weights (a kept weight costs one MAC per output position); None
+    for runs recorded before ``layer_density`` was.
+    """
+    kept = run.get("layer_density")
+    if not kept:
+        return None
+    macs = _dense_macs(run["model"])
+    return 100 * sum(kept[name] * n for name, n in macs.items()) / sum(macs.values())
 
 
 def _load(path: Path) -> list[dict]:
@@ -103,8 +127,9 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
         and key not in have_scl
     ]
     lines = [
-        "| model | target density % | ModelPruning acc % (density %) | SCL acc % (density %) | SCL - MP (points) |",
-        "|---|---:|---:|---:|---:|",
+        "| model | target density % | ModelPruning acc % (density %) | SCL acc % (density %) | SCL - MP (points) "
+        "| FLOPs % MP / SCL |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     by_key: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     dense: dict[str, list[float]] = defaultdict(list)
@@ -126,9 +151,10 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
         mp, mp_acc = cell(methods.get("modelpruning", []))
         scl, scl_acc = cell(methods.get("scl", []))
         diff = f"{scl_acc - mp_acc:+.2f}" if mp_acc is not None and scl_acc is not None else "-"
-        lines.append(f"| {NAMES[model]} | {100 * target:.1f} | {mp} | {scl} | {diff} |")
+        flops = " / ".join(_mean_flops(methods.get(m, [])) for m in ("modelpruning", "scl"))
+        lines.append(f"| {NAMES[model]} | {100 * target:.1f} | {mp} | {scl} | {diff} | {flops} |")
     for model, accs in dense.items():
-        lines.append(f"| {NAMES[model]} | 100 (dense) | {statistics.mean(accs):.2f} | | |")
+        lines.append(f"| {NAMES[model]} | 100 (dense) | {statistics.mean(accs):.2f} | | | 100 |")
     if plot_path is not None and by_key:
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, marker in (("modelpruning", "s"), ("scl", "o")):
@@ -153,6 +179,11 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
     return "\n".join(lines)
 
 
+def _mean_flops(rs: list[dict]) -> str:
+    values = [f for r in rs if (f := _flops_pct(r)) is not None]
+    return f"{statistics.mean(values):.2f}" if values else "-"
+
+
 def ablations(runs: list[dict]) -> str:
     # The defaults' run is the side-by-side SCL run with the same model, density and epochs as the ablations.
     ablated = [r for r in runs if str(r.get("tag", "")).startswith("ablation:")]
@@ -166,8 +197,8 @@ def ablations(runs: list[dict]) -> str:
     ]
     rows = defaults + ablated
     lines = [
-        "| ablation | setting | test acc % | density % | seeds | epochs |",
-        "|---|---|---:|---:|---|---:|",
+        "| ablation | setting | test acc % | density % | FLOPs % | seeds | epochs |",
+        "|---|---|---:|---:|---:|---|---:|",
     ]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -194,7 +225,8 @@ def ablations(runs: list[dict]) -> str:
         acc = [100 * r["test_acc"] for r in rs]
         dens = [100 * r["density"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
-        lines.append(f"| {name} | {setting} | {_mean_std(acc)} | {_mean_std(dens)} | {seeds} | {epochs} |")
+        row = f"| {name} | {setting} | {_mean_std(acc)} | {_mean_std(dens)} | {_mean_flops(rs)} | {seeds} | {epochs} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
