@@ -7,6 +7,8 @@ Writes, under ``benchmarks/results/``:
 - ``mnist_side_by_side.md`` and ``mnist_pareto.png``: runs tagged ``side_by_side``: SCL vs ModelPruning (gradual
   global L1) at each target density, same model, epochs and optimizer, plus the dense baseline;
 - ``mnist_ablations.md``: runs tagged ``ablation:<name>``;
+- ``mnist_flops.md`` and ``mnist_flops.png``: LeNet-5-Caffe accuracy against effective FLOPs for ModelPruning and
+  SCL with the connection-count and the FLOPs-weighted regularizer;
 - ``elu_<net>.md`` and ``elu_<net>.png`` from ``elu_<net>.json``: training loss per epoch and median unit mean
   activation, mean over seeds.
 
@@ -184,6 +186,63 @@ def _mean_flops(rs: list[dict]) -> str:
     return f"{statistics.mean(values):.2f}" if values else "-"
 
 
+def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
+    """LeNet-5-Caffe accuracy against effective FLOPs: ModelPruning, SCL counting connections, SCL counting FLOPs.
+
+    The issue's question for the FLOPs-weighted regularizer is the FLOPs it needs at equal accuracy, so the three are
+    compared on that axis. SCL rows use the current defaults (network-wide normalization) apart from the regularizer.
+    """
+
+    def label(r: dict) -> str | None:
+        if r["model"] != "lenet5" or r["method"] == "dense":
+            return None
+        if r["method"] == "modelpruning":
+            return "ModelPruning" if r.get("tag") == "side_by_side" else None
+        cfg = r["config"]
+        if cfg.get("normalize_over") != "network" or cfg.get("fan_in_exponent"):
+            return None
+        if r.get("tag") == "side_by_side" or (r.get("tag") == "headline" and cfg["regularizer"] == "connections"):
+            return "SCL, connections"
+        if r.get("tag") == "ablation:regularizer" and cfg["regularizer"] == "flops":
+            return "SCL, FLOPs-weighted"
+        return None
+
+    groups: dict[tuple[str, float, int], list[dict]] = defaultdict(list)
+    for r in runs:
+        if (name := label(r)) is not None and all(
+            o["seed"] != r["seed"] for o in groups[(name, r["target_density"], r["epochs"])]
+        ):
+            groups[(name, r["target_density"], r["epochs"])].append(r)
+    lines = [
+        "| method | target density % | test acc % | density % | effective FLOPs % of dense | seeds | epochs |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (name, target, epochs), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        acc = [100 * r["test_acc"] for r in rs]
+        flops = _mean_flops(rs)  # over the runs that recorded per-layer densities (all but a few early ones)
+        dens = [100 * r["density"] for r in rs]
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        lines.append(
+            f"| {name} | {100 * target:g} | {_mean_std(acc)} | {_mean_std(dens)} | {flops} | {seeds} | {epochs} |"
+        )
+        if flops != "-":
+            points[name].append((float(flops), statistics.mean(acc)))
+    if plot_path is not None and points:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, marker in zip(sorted(points), "sod"):
+            ax.plot(*zip(*sorted(points[name])), marker=marker, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("effective multiply-accumulates (% of dense)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("LeNet-5-Caffe on MNIST: accuracy vs FLOPs, 15 epochs")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=120)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
 def ablations(runs: list[dict]) -> str:
     # The defaults' run is the side-by-side SCL run with the same model, density and epochs as the ablations.
     ablated = [r for r in runs if str(r.get("tag", "")).startswith("ablation:")]
@@ -289,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         (results / "mnist_headline.md").write_text(headline(runs) + "\n")
         (results / "mnist_side_by_side.md").write_text(side_by_side(runs, results / "mnist_pareto.png") + "\n")
         (results / "mnist_ablations.md").write_text(ablations(runs) + "\n")
+        (results / "mnist_flops.md").write_text(flops_tradeoff(runs, results / "mnist_flops.png") + "\n")
     for net in ("mlp", "cnn"):
         path = results / f"elu_{net}.json"
         if path.exists():
