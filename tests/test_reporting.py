@@ -132,14 +132,25 @@ def test_dense_flops_counted_once_per_fit(tmp_path, monkeypatch):
     assert scl._reg_scales is not None and scl._reg_scales["conv2"] > scl._reg_scales["fc1"]
 
 
-def test_flops_regularizer_warns_when_layer_costs_differ_widely_without_a_floor(tmp_path):
+@pytest.mark.parametrize("normalize_over", ["unit", "layer"])
+def test_flops_regularizer_warns_when_layer_costs_differ_widely_under_a_per_layer_scale(tmp_path, normalize_over):
     # TinyLeNet: a conv1 weight is used at 144 output positions, a Linear weight once.
-    with pytest.warns(UserWarning, match=r"regularizer='flops'.*'conv1'.*min_density_per_layer"):
-        fit(tmp_path, TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2)
+    match = rf"regularizer='flops'.*'conv1'.*normalize_over='{normalize_over}'.*min_density_per_layer"
+    with pytest.warns(UserWarning, match=match):
+        fit(tmp_path, TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2, normalize_over=normalize_over)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"min_density_per_layer": 0.05, "normalize_over": "layer"}, {"normalize_over": "network"}, {}],
+    ids=["floor", "network_statistic", "default"],
+)
+def test_flops_regularizer_does_not_warn_with_a_floor_or_the_network_statistic(tmp_path, settings):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="(?!SparseConnectivityLearning: with regularizer)")
-        fit(tmp_path / "floor", TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2, min_density_per_layer=0.05)
+        scl = fit(tmp_path, TinyLeNet(), regularizer="flops", lam=0.05, max_steps=2, **settings)[1]
+    assert max(scl._reg_scales.values()) / min(scl._reg_scales.values()) > 20  # the costs do differ widely
 
 
 def test_report_false_logs_and_writes_nothing_extra(tmp_path):

@@ -568,14 +568,18 @@ class SparseConnectivityLearning(Callback):
             return scales  # no example input seen yet: count connections until the MACs are known
         self._reg_scales = scales
         spread = max(scales.values()) / max(min(scales.values()), 1e-12)
-        if self.regularizer == "flops" and spread > 20 and self.min_density_per_layer == 0:
-            # Measured (per-unit normalization): on LeNet-5-Caffe at 0.9% this removed both convolutions (accuracy 11%).
+        wide = self.regularizer == "flops" and spread > 20 and self.min_density_per_layer == 0
+        if wide and self.normalize_over != "network":
+            # Measured on LeNet-5-Caffe at 0.9%: per unit, both convolutions lost every connection (accuracy 11%);
+            # with the network statistic the task gradients keep their scale across layers and the convolutions
+            # kept a few weights (98.0%). Per layer, like per unit, gives every layer the same gradient scale.
             costly = max(scales, key=scales.get)
             rank_zero_warn(
                 f"SparseConnectivityLearning: with regularizer='flops' a connection of {costly!r} is pushed "
-                f"{spread:.0f}x harder than one of the cheapest layer; such layers can lose every connection (both "
-                "convolutions of LeNet-5-Caffe did). Set min_density_per_layer (e.g. 0.05) to keep a floor, or use "
-                "regularizer='connections'."
+                f"{spread:.0f}x harder than one of the cheapest layer, and normalize_over={self.normalize_over!r} "
+                "gives every layer's task gradient the same scale: such layers can lose every connection (both "
+                "convolutions of LeNet-5-Caffe did, per unit). Set min_density_per_layer (e.g. 0.05) to keep a "
+                "floor, use normalize_over='network' (weight masks), or regularizer='connections'."
             )
         return self._reg_scales
 
