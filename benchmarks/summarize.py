@@ -115,6 +115,18 @@ def headline(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    """Test accuracy against a log-scaled cost axis, written to ``path``."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
     rows = [r for r in runs if r.get("tag") == "side_by_side"]
     # A headline SCL run with the same model, density and epochs as a side-by-side ModelPruning run is the same
@@ -170,14 +182,7 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
                     ax.plot(*zip(*pts), marker=marker, label=f"{NAMES[model]} {method}")
         for model, accs in dense.items():
             ax.axhline(statistics.mean(accs), linestyle=":", color="gray", label=f"{NAMES[model]} dense")
-        ax.set_xscale("log")
-        ax.set_xlabel("weights kept (%)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("MNIST: accuracy vs density, same training budget")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=120)
-        plt.close(fig)
+        _save_accuracy_plot(fig, ax, plot_path, "weights kept (%)", "MNIST: accuracy vs density, same training budget")
     return "\n".join(lines)
 
 
@@ -232,14 +237,8 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, marker in zip(sorted(points), "sod"):
             ax.plot(*zip(*sorted(points[name])), marker=marker, label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("effective multiply-accumulates (% of dense)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("LeNet-5-Caffe on MNIST: accuracy vs FLOPs, 15 epochs")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=120)
-        plt.close(fig)
+        xlabel = "effective multiply-accumulates (% of dense)"
+        _save_accuracy_plot(fig, ax, plot_path, xlabel, "LeNet-5-Caffe on MNIST: accuracy vs FLOPs, 15 epochs")
     return "\n".join(lines)
 
 
