@@ -212,3 +212,20 @@ def test_report_from_a_real_checkpoint(tmp_path):
     rebuilt = sparsity_report(path, model_class=TinyLeNet)  # FLOPs on its example_input_array
     assert rebuilt.totals == live.totals
     assert [r.effective_flops for r in rebuilt.rows] == [r.effective_flops for r in live.rows]
+
+
+def test_lightning_model_summary_counts_mask_variables_as_parameters(tmp_path):
+    # The troubleshooting page quotes these numbers: LeNet-300-100's 266,610 parameters plus 266,200 weight masks.
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from lightning_scl.models import ImageClassifier
+
+    class Classifier(ImageClassifier):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))), batch_size=8)
+
+    model = Classifier("lenet300")
+    dense = sum(p.numel() for p in model.parameters())
+    fit(tmp_path, model, max_steps=1)
+    assert dense == 266_610
+    assert ModelSummary(model).total_parameters == dense + 266_200 == 532_810
