@@ -186,9 +186,15 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
     return "\n".join(lines)
 
 
-def _mean_flops(rs: list[dict]) -> str:
+def _mean_flops_pct(rs: list[dict]) -> float | None:
+    """Mean effective FLOPs % over the runs that recorded per-layer densities (all but a few early ones)."""
     values = [f for r in rs if (f := _flops_pct(r)) is not None]
-    return f"{statistics.mean(values):.2f}" if values else "-"
+    return statistics.mean(values) if values else None
+
+
+def _mean_flops(rs: list[dict]) -> str:
+    mean = _mean_flops_pct(rs)
+    return "-" if mean is None else f"{mean:.2f}"
 
 
 def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
@@ -225,20 +231,21 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for (name, target, epochs), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         acc = [100 * r["test_acc"] for r in rs]
-        flops = _mean_flops(rs)  # over the runs that recorded per-layer densities (all but a few early ones)
         dens = [100 * r["density"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
         lines.append(
-            f"| {name} | {100 * target:g} | {_mean_std(acc)} | {_mean_std(dens)} | {flops} | {seeds} | {epochs} |"
+            f"| {name} | {100 * target:g} | {_mean_std(acc)} | {_mean_std(dens)} | {_mean_flops(rs)} | {seeds} | "
+            f"{epochs} |"
         )
-        if flops != "-":
-            points[name].append((float(flops), statistics.mean(acc)))
+        if (flops := _mean_flops_pct(rs)) is not None:
+            points[name].append((flops, statistics.mean(acc)))
     if plot_path is not None and points:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, marker in zip(sorted(points), "sod"):
             ax.plot(*zip(*sorted(points[name])), marker=marker, label=name)
+        budgets = "/".join(str(e) for e in sorted({epochs for _, _, epochs in groups}))
         xlabel = "effective multiply-accumulates (% of dense)"
-        _save_accuracy_plot(fig, ax, plot_path, xlabel, "LeNet-5-Caffe on MNIST: accuracy vs FLOPs, 15 epochs")
+        _save_accuracy_plot(fig, ax, plot_path, xlabel, f"LeNet-5-Caffe on MNIST: accuracy vs FLOPs, {budgets} epochs")
     return "\n".join(lines)
 
 
