@@ -137,6 +137,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, data)
     fit_seconds = time.perf_counter() - start
+    # The last epoch's validation accuracy: the number hyperparameters are chosen by (never the test accuracy).
+    val_acc = trainer.callback_metrics.get("val/acc")
     test = trainer.test(model, data, verbose=False)[0]
     return {
         "model": args.model,
@@ -144,6 +146,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "target_density": None if args.method == "dense" or args.lam is not None else args.density,
         "density": weight_density(model),
         "layer_density": layer_densities(model),
+        "val_acc": None if val_acc is None else round(float(val_acc), 5),
         "test_acc": test["test/acc"],
         "test_error_pct": 100 * (1 - test["test/acc"]),
         "seed": seed,

@@ -9,6 +9,7 @@ Writes, under ``benchmarks/results/``:
 - ``mnist_ablations.md``: runs tagged ``ablation:<name>``;
 - ``mnist_flops.md`` and ``mnist_flops.png``: LeNet-5-Caffe accuracy against effective FLOPs for ModelPruning and
   SCL with the connection-count and the FLOPs-weighted regularizer;
+- ``mnist_tuning.md``: runs tagged ``tune:<name>`` (training hyperparameters), ranked by validation accuracy;
 - ``elu_<net>.md`` and ``elu_<net>.png`` from ``elu_<net>.json``: training loss per epoch and median unit mean
   activation, mean over seeds.
 
@@ -164,7 +165,8 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
 
         mp, mp_acc = cell(methods.get("modelpruning", []))
         scl, scl_acc = cell(methods.get("scl", []))
-        diff = f"{scl_acc - mp_acc:+.2f}" if mp_acc is not None and scl_acc is not None else "-"
+        # "+ 0.0" turns a rounded -0.0 into 0.0, so a tie never prints as "-0.00"
+        diff = f"{round(scl_acc - mp_acc, 2) + 0.0:+.2f}" if mp_acc is not None and scl_acc is not None else "-"
         flops = " / ".join(_mean_flops(methods.get(m, [])) for m in ("modelpruning", "scl"))
         lines.append(f"| {NAMES[model]} | {100 * target:.1f} | {mp} | {scl} | {diff} | {flops} |")
     for model, accs in dense.items():
@@ -295,6 +297,36 @@ def ablations(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tuning(runs: list[dict]) -> str:
+    """Runs tagged ``tune:<name>``: training hyperparameters, ranked by validation accuracy, never by test accuracy.
+
+    The test column is shown for the record only; the choice of what to run longer is made on the validation column.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if str(r.get("tag", "")).startswith("tune:") and r.get("val_acc") is not None:
+            key = (r["tag"][len("tune:") :], r["model"], r["target_density"], r["epochs"])
+            if all(other["seed"] != r["seed"] for other in groups[key]):
+                groups[key].append(r)
+    lines = [
+        "| setting | model | target density % | epochs | lr | weight decay | batch | ramp / freeze | val acc % "
+        "| test acc % | density % | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
+    for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
+        cfg = rs[0]["config"]
+        val = _mean_std([100 * r["val_acc"] for r in rs])
+        test = _mean_std([100 * r["test_acc"] for r in rs])
+        dens = _mean_std([100 * r["density"] for r in rs])
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        lines.append(
+            f"| {name} | {NAMES[model]} | {100 * target:g} | {epochs} | {cfg['lr']:g} | {cfg['weight_decay']:g} | "
+            f"{cfg['batch_size']} | {cfg['ramp']:g} / {cfg.get('freeze')} | {val} | {test} | {dens} | {seeds} |"
+        )
+    return "\n".join(lines)
+
+
 def elu(path: Path, plot_path: Path | None) -> str:
     data = json.loads(path.read_text())
     curves: dict[str, list[list[dict]]] = defaultdict(list)
@@ -348,6 +380,10 @@ def main(argv: list[str] | None = None) -> None:
         fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
         lines = [fake | {"method": m, "tag": t} for m in ("scl", "modelpruning") for t in ("headline", "side_by_side")]
         lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
+        training = {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 128, "ramp": 0.6, "freeze": 0.7}
+        lines.append(
+            fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | training}
+        )
         (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     runs = _load(results / "mnist_pruning.jsonl")
     if runs:
@@ -355,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         (results / "mnist_side_by_side.md").write_text(side_by_side(runs, results / "mnist_pareto.png") + "\n")
         (results / "mnist_ablations.md").write_text(ablations(runs) + "\n")
         (results / "mnist_flops.md").write_text(flops_tradeoff(runs, results / "mnist_flops.png") + "\n")
+        if any(str(r.get("tag", "")).startswith("tune:") for r in runs):
+            (results / "mnist_tuning.md").write_text(tuning(runs) + "\n")
     for net in ("mlp", "cnn"):
         path = results / f"elu_{net}.json"
         if path.exists():
