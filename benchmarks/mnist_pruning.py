@@ -93,7 +93,11 @@ def layer_densities(model: nn.Module) -> dict[str, float]:
 def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     L.seed_everything(seed, workers=True)
     data = MNISTDataModule(
-        data_dir=args.data_dir, batch_size=args.batch_size, seed=seed, train_subset=args.train_subset
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        seed=seed,
+        train_subset=args.train_subset,
+        max_shift=args.max_shift,
     )
     model = ImageClassifier(args.model, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
     callbacks: list[L.Callback] = []
@@ -191,6 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regularizer", default="connections")
     parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
     parser.add_argument("--train-subset", type=int, default=None)
+    parser.add_argument(
+        "--max-shift",
+        type=int,
+        default=0,
+        help="random translation of training images, pixels (0: none, as the papers)",
+    )
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=RESULTS / "mnist_pruning.jsonl")

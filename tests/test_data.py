@@ -281,6 +281,51 @@ def test_in_memory_dataset_validates_input() -> None:
         InMemoryImageDataset(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(3))
 
 
+def test_random_shift_translates_each_image_by_its_own_offset() -> None:
+    torch.manual_seed(0)
+    images = torch.zeros(400, 1, 9, 9, dtype=torch.uint8)
+    images[:, 0, 4, 4] = 255  # one bright pixel in the centre of every image
+    unshifted, _ = InMemoryImageDataset(images, torch.zeros(400)).__getitems__(range(400))
+    assert torch.equal(unshifted, images.float() / 255)
+    shifted, labels = InMemoryImageDataset(images, torch.arange(400), max_shift=2).__getitems__(range(400))
+    assert shifted.shape == (400, 1, 9, 9) and labels.tolist() == list(range(400))
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), torch.ones(400))  # the pixel moved, nothing was lost or added
+    rows, cols = (shifted[:, 0] == 1).nonzero()[:, 1:].T
+    offsets = set(zip((rows - 4).tolist(), (cols - 4).tolist()))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # every offset, drawn per image
+    # the border a shift uncovers is black: an all-white image shifted right and down keeps a black top-left corner
+    white = InMemoryImageDataset(torch.full((64, 1, 9, 9), 255, dtype=torch.uint8), torch.zeros(64), max_shift=2)
+    batch, _ = white.__getitems__(range(64))
+    assert (batch == 0).any() and set(batch.unique().tolist()) == {0.0, 1.0}
+    single, _ = white[0]
+    assert single.shape == (1, 9, 9)
+
+
+@pytest.mark.parametrize("bad", [-1, 9, 1.5, True, "2"])
+def test_random_shift_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_shift must be an integer"):
+        InMemoryImageDataset(torch.zeros(2, 1, 9, 9, dtype=torch.uint8), torch.zeros(2), max_shift=bad)
+    with pytest.raises(ValueError, match="max_shift must be an integer"):
+        MNISTDataModule(max_shift=bad if bad != 9 else 28)
+
+
+def test_mnist_module_shifts_training_images_only(mnist_fetch: FetchResult) -> None:
+    dm = MNISTDataModule(data_dir=str(mnist_fetch.raw_dir.parent.parent), train_subset=256, max_shift=2)
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.train_set.max_shift == 2 and dm.val_set.max_shift == 0 and dm.test_set.max_shift == 0
+    plain = MNISTDataModule(data_dir=str(mnist_fetch.raw_dir.parent.parent), train_subset=256)
+    plain.setup("fit")
+    batches = []
+    for module in (dm, dm, plain):
+        torch.manual_seed(0)
+        batches.append(next(iter(module.train_dataloader())))
+    (first, labels), (again, _), (unshifted, plain_labels) = batches
+    assert torch.equal(first, again)  # reproducible under a seed
+    assert torch.equal(labels, plain_labels) and not torch.equal(first, unshifted)  # same images, translated
+    assert torch.equal(dm.val_set[:8][0], plain.val_set[:8][0])
+
+
 # ------------------------------------------------------------------- CIFAR / ImageNet (synthetic: FakeData)
 
 
