@@ -90,28 +90,46 @@ def _mean_std(values: list[float], digits: int = 2) -> str:
 
 
 def headline(runs: list[dict]) -> str:
+    """SCL at the target densities beside the published anchors; dense rows give the recipe's ceiling.
+
+    Runs tagged ``augmented`` (training images randomly shifted, which the anchors did not do) get their own rows and
+    are marked as such: they answer what the recipe's ceiling costs, not whether the like-for-like target is met.
+    """
     lines = [
         "| model | method | test error % | weights kept % | seeds | epochs | meets target |",
         "|---|---|---:|---:|---|---:|---|",
     ]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        if r.get("tag") == "headline":
-            groups[(r["model"], r["target_density"], r["epochs"])].append(r)
+        dense_baseline = r.get("tag") == "side_by_side" and r["method"] == "dense"
+        if r.get("tag") in ("headline", "augmented") or dense_baseline:
+            shift = r["config"].get("max_shift", 0)
+            key = (r["model"], r["method"] == "dense", shift, -(r["target_density"] or 1), -r["epochs"])
+            if all(other["seed"] != r["seed"] for other in groups[key]):
+                groups[key].append(r)
     for model in ("lenet300", "lenet5"):
         for name, err, kept in ANCHORS[model]:
             lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
-        for (m, target, epochs), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for (m, dense, shift, _, _), rs in sorted(groups.items()):
             if m != model:
                 continue
             acc = [100 * r["test_acc"] for r in rs]
             dens = [100 * r["density"] for r in rs]
             goal_acc, goal_density = TARGETS[model]
-            ok = statistics.mean(acc) >= goal_acc and max(dens) <= 100 * goal_density
+            method = "dense" if dense else f"SCL (target density {100 * rs[0]['target_density']:.2f}%)"
+            verdict = (
+                ""
+                if dense
+                else ("yes" if statistics.mean(acc) >= goal_acc and max(dens) <= 100 * goal_density else "no")
+            )
+            if shift:
+                method += f", training images shifted up to {shift} px"
+                verdict += (", " if verdict else "") + "not comparable: the anchors used no augmentation"
+            elif verdict:
+                verdict += f" (target >= {goal_acc}% at <= {100 * goal_density:.1f}%)"
             lines.append(
-                f"| {NAMES[model]} | SCL (target density {100 * target:.2f}%) | {_mean_std([100 - a for a in acc])} | "
-                f"{_mean_std(dens)} | {', '.join(str(r['seed']) for r in rs)} | {epochs} | "
-                f"{'yes' if ok else 'no'} (target >= {goal_acc}% at <= {100 * goal_density:.1f}%) |"
+                f"| {NAMES[model]} | {method} | {_mean_std([100 - a for a in acc])} | {_mean_std(dens)} | "
+                f"{', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {verdict} |"
             )
     return "\n".join(lines)
 
