@@ -50,6 +50,9 @@ ANCHORS = {
         ("Sparse VD, Molchanov et al. 2017", 0.75, 0.0036),
     ],
 }
+# The training recipe shared by the MNIST runs (mnist_pruning.py's defaults); a headline row names what it changes.
+RECIPE = {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 128, "ramp": 0.6, "freeze": 0.7}
+RECIPE_NAMES = {"lr": "lr", "weight_decay": "weight decay", "batch_size": "batch", "ramp": "ramp", "freeze": "freeze"}
 TARGETS = {"lenet300": (98.2, 0.015), "lenet5": (99.2, 0.004)}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 
@@ -104,13 +107,19 @@ def headline(runs: list[dict]) -> str:
         dense_baseline = r.get("tag") == "side_by_side" and r["method"] == "dense"
         if r.get("tag") in ("headline", "augmented") or dense_baseline:
             shift = r["config"].get("max_shift", 0)
-            key = (r["model"], r["method"] == "dense", shift, -(r["target_density"] or 1), -r["epochs"])
+            # ramp and freeze are SCL settings: a dense run records whatever the flags held
+            changed = tuple(
+                (k, r["config"][k])
+                for k, v in RECIPE.items()
+                if r["config"].get(k, v) != v and not (r["method"] == "dense" and k in ("ramp", "freeze"))
+            )
+            key = (r["model"], r["method"] == "dense", shift, -(r["target_density"] or 1), changed, -r["epochs"])
             if all(other["seed"] != r["seed"] for other in groups[key]):
                 groups[key].append(r)
     for model in ("lenet300", "lenet5"):
         for name, err, kept in ANCHORS[model]:
             lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
-        for (m, dense, shift, _, _), rs in sorted(groups.items()):
+        for (m, dense, shift, _, changed, _), rs in sorted(groups.items()):
             if m != model:
                 continue
             acc = [100 * r["test_acc"] for r in rs]
@@ -122,6 +131,7 @@ def headline(runs: list[dict]) -> str:
                 if dense
                 else ("yes" if statistics.mean(acc) >= goal_acc and max(dens) <= 100 * goal_density else "no")
             )
+            method += "".join(f", {RECIPE_NAMES[k]} {v:g}" for k, v in changed)
             if shift:
                 method += f", training images shifted up to {shift} px"
                 verdict += (", " if verdict else "") + "not comparable: the anchors used no augmentation"
