@@ -9,6 +9,8 @@ Writes, under ``benchmarks/results/``:
 - ``mnist_ablations.md``: runs tagged ``ablation:<name>``;
 - ``mnist_flops.md`` and ``mnist_flops.png``: LeNet-5-Caffe accuracy against effective FLOPs for ModelPruning and
   SCL with the connection-count and the FLOPs-weighted regularizer;
+- ``mnist_side_by_side_augmented.md`` and ``mnist_pareto_augmented.png``: the same comparison with training images
+  randomly shifted (runs tagged ``side_by_side_augmented``; the dense baseline is the run tagged ``augmented``);
 - ``mnist_tuning.md``: runs tagged ``tune:<name>`` (training hyperparameters), ranked by validation accuracy;
 - ``elu_<net>.md`` and ``elu_<net>.png`` from ``elu_<net>.json``: training loss per epoch and median unit mean
   activation, mean over seeds.
@@ -156,8 +158,16 @@ def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
     plt.close(fig)
 
 
-def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
-    rows = [r for r in runs if r.get("tag") == "side_by_side"]
+def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = False) -> str:
+    """SCL against ModelPruning at each target density, with the dense baseline.
+
+    ``augmented=True`` tabulates the runs tagged ``side_by_side_augmented`` (training images randomly shifted), with
+    the dense run tagged ``augmented`` as their baseline.
+    """
+    tag = "side_by_side_augmented" if augmented else "side_by_side"
+    rows = [r for r in runs if r.get("tag") == tag]
+    if augmented:
+        rows += [r for r in runs if r.get("tag") == "augmented" and r["method"] == "dense"]
     # A headline SCL run with the same model, density and epochs as a side-by-side ModelPruning run is the same
     # experiment (only more seeds): use it where no side-by-side SCL run exists.
     compared = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "modelpruning"}
@@ -165,7 +175,8 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
     rows += [
         r
         for r in runs
-        if r.get("tag") == "headline"
+        if not augmented
+        and r.get("tag") == "headline"
         and (key := (r["model"], r["target_density"], r["epochs"])) in compared
         and key not in have_scl
     ]
@@ -212,7 +223,8 @@ def side_by_side(runs: list[dict], plot_path: Path | None) -> str:
                     ax.plot(*zip(*pts), marker=marker, label=f"{NAMES[model]} {method}")
         for model, accs in dense.items():
             ax.axhline(statistics.mean(accs), linestyle=":", color="gray", label=f"{NAMES[model]} dense")
-        _save_accuracy_plot(fig, ax, plot_path, "weights kept (%)", "MNIST: accuracy vs density, same training budget")
+        title = "MNIST: accuracy vs density, same training budget" + (", shifted images" if augmented else "")
+        _save_accuracy_plot(fig, ax, plot_path, "weights kept (%)", title)
     return "\n".join(lines)
 
 
@@ -408,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
         lines = [fake | {"method": m, "tag": t} for m in ("scl", "modelpruning") for t in ("headline", "side_by_side")]
         lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
+        lines += [fake | {"method": m, "tag": "side_by_side_augmented"} for m in ("scl", "modelpruning")]
         training = {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 128, "ramp": 0.6, "freeze": 0.7}
         lines.append(
             fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | training}
@@ -419,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
         (results / "mnist_side_by_side.md").write_text(side_by_side(runs, results / "mnist_pareto.png") + "\n")
         (results / "mnist_ablations.md").write_text(ablations(runs) + "\n")
         (results / "mnist_flops.md").write_text(flops_tradeoff(runs, results / "mnist_flops.png") + "\n")
+        if any(r.get("tag") == "side_by_side_augmented" for r in runs):
+            table = side_by_side(runs, results / "mnist_pareto_augmented.png", augmented=True)
+            (results / "mnist_side_by_side_augmented.md").write_text(table + "\n")
         if any(str(r.get("tag", "")).startswith("tune:") for r in runs):
             (results / "mnist_tuning.md").write_text(tuning(runs) + "\n")
     for net in ("mlp", "cnn"):
