@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 normalize_over=args.normalize_over,
                 regularizer=args.regularizer,
                 fan_in_exponent=args.fan_in_exponent,
+                min_density_per_layer=args.min_density_per_layer,
             )
         )
         if args.ste_slope is not None:
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "--normalize-over", choices=["unit", "layer", "network"], default=None, help="SCL: default if None"
     )
     parser.add_argument("--regularizer", default="connections")
+    parser.add_argument("--min-density-per-layer", type=float, default=0.0, help="SCL: per-layer density floor")
     parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument(

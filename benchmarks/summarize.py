@@ -338,7 +338,7 @@ def ablations(runs: list[dict]) -> str:
 
 
 def tuning(runs: list[dict]) -> str:
-    """Runs tagged ``tune:<name>``: training hyperparameters, ranked by validation accuracy, never by test accuracy.
+    """Runs tagged ``tune:<name>``: training settings, ranked by validation accuracy, never by test accuracy.
 
     The test column is shown for the record only; the choice of what to run longer is made on the validation column.
     """
@@ -349,9 +349,9 @@ def tuning(runs: list[dict]) -> str:
             if all(other["seed"] != r["seed"] for other in groups[key]):
                 groups[key].append(r)
     lines = [
-        "| setting | model | target density % | epochs | lr | weight decay | batch | ramp / freeze | val acc % "
-        "| test acc % | density % | seeds |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| setting | model | target density % | epochs | lr | weight decay | batch | ramp / freeze | layer floor "
+        "| val acc % | test acc % | density % | seeds |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
     for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
@@ -362,7 +362,8 @@ def tuning(runs: list[dict]) -> str:
         seeds = ", ".join(str(r["seed"]) for r in rs)
         lines.append(
             f"| {name} | {NAMES[model]} | {100 * target:g} | {epochs} | {cfg['lr']:g} | {cfg['weight_decay']:g} | "
-            f"{cfg['batch_size']} | {cfg['ramp']:g} / {cfg.get('freeze')} | {val} | {test} | {dens} | {seeds} |"
+            f"{cfg['batch_size']} | {cfg['ramp']:g} / {cfg.get('freeze')} | {cfg.get('min_density_per_layer', 0):g} | "
+            f"{val} | {test} | {dens} | {seeds} |"
         )
     return "\n".join(lines)
 
