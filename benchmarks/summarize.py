@@ -167,7 +167,10 @@ def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = Fal
     tag = "side_by_side_augmented" if augmented else "side_by_side"
     rows = [r for r in runs if r.get("tag") == tag]
     if augmented:
-        rows += [r for r in runs if r.get("tag") == "augmented" and r["method"] == "dense"]
+        compared_models = {r["model"] for r in rows}
+        rows += [
+            r for r in runs if r.get("tag") == "augmented" and r["method"] == "dense" and r["model"] in compared_models
+        ]
     # A headline SCL run with the same model, density and epochs as a side-by-side ModelPruning run is the same
     # experiment (only more seeds): use it where no side-by-side SCL run exists.
     compared = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "modelpruning"}
