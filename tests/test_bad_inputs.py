@@ -671,8 +671,8 @@ CASES: list[Case] = [
         raises=ValueError,
         problem=r"max_shift must be an integer number of pixels in \[0, 28\)",
         fix=r"0 disables the random translation",
-        says="ValueError: max_shift must be an integer number of pixels in [0, 28) (0 disables the random translation), "
-        "got 28",
+        says="ValueError: max_shift must be an integer number of pixels in [0, 28) (0 disables the random "
+        "translation), got 28",
         todo="Give a small shift (1-2 pixels is the usual MNIST augmentation), or 0 for none.",
     ),
     Case(

@@ -107,7 +107,7 @@ class SparseConnectivityLearning(Callback):
             97.44% and per network 97.82% (three seeds each; ModelPruning 97.61%); see the benchmarks page.
         regularizer: ``"connections"`` (each connection costs 1) or ``"flops"`` (each costs its multiply-accumulates
             per sample, scaled to mean 1; needs an example input). ``"flops"`` trades accuracy per connection for
-            FLOPs: on LeNet-5-Caffe it matched the connection count's accuracy with about 5x fewer FLOPs at a higher
+            FLOPs: on LeNet-5-Caffe it matched the connection count's accuracy with about 4-7x fewer FLOPs at a higher
             density. With ``normalize_over="unit"`` or ``"layer"`` pair it with ``min_density_per_layer``: per unit
             it removed both convolutions of LeNet-5-Caffe (a warning says so).
         fan_in_exponent: the pressure on a connection is also multiplied by ``fan_in ** fan_in_exponent`` (fan-in
