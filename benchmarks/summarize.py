@@ -425,10 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         lines = [fake | {"method": m, "tag": t} for m in ("scl", "modelpruning") for t in ("headline", "side_by_side")]
         lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
         lines += [fake | {"method": m, "tag": "side_by_side_augmented"} for m in ("scl", "modelpruning")]
-        training = {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 128, "ramp": 0.6, "freeze": 0.7}
-        lines.append(
-            fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | training}
-        )
+        lines.append(fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | RECIPE})
         (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     runs = _load(results / "mnist_pruning.jsonl")
     if runs:
