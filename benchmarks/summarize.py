@@ -88,6 +88,12 @@ def _load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _add_once_per_seed(group: list[dict], run: dict) -> None:
+    """Append ``run`` unless ``group`` already has a run with its seed (a repeated run must not count twice)."""
+    if all(other["seed"] != run["seed"] for other in group):
+        group.append(run)
+
+
 def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -116,8 +122,7 @@ def headline(runs: list[dict]) -> str:
                 if r["config"].get(k, v) != v and not (r["method"] == "dense" and k in ("ramp", "freeze"))
             )
             key = (r["model"], r["method"] == "dense", shift, -(r["target_density"] or 1), changed, -r["epochs"])
-            if all(other["seed"] != r["seed"] for other in groups[key]):
-                groups[key].append(r)
+            _add_once_per_seed(groups[key], r)
     for model in ("lenet300", "lenet5"):
         for name, err, kept in ANCHORS[model]:
             lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
@@ -265,10 +270,8 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
 
     groups: dict[tuple[str, float, int], list[dict]] = defaultdict(list)
     for r in runs:
-        if (name := label(r)) is not None and all(
-            o["seed"] != r["seed"] for o in groups[(name, r["target_density"], r["epochs"])]
-        ):
-            groups[(name, r["target_density"], r["epochs"])].append(r)
+        if (name := label(r)) is not None:
+            _add_once_per_seed(groups[(name, r["target_density"], r["epochs"])], r)
     lines = [
         "| method | target density % | test acc % | density % | effective FLOPs % of dense | seeds | epochs |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -324,8 +327,7 @@ def ablations(runs: list[dict]) -> str:
             setting += ", protect_pruned_weights=False"
         if cfg.get("ste_slope") is not None:
             setting += f", ste_slope={cfg['ste_slope']}"
-        if all(other["seed"] != r["seed"] for other in groups[(setting, r["epochs"])]):  # one run per seed
-            groups[(setting, r["epochs"])].append(r)
+        _add_once_per_seed(groups[(setting, r["epochs"])], r)
     named = []
     for (setting, epochs), rs in groups.items():
         # An ablation run that happens to use every default setting (e.g. an extra seed) joins the defaults row.
@@ -349,8 +351,7 @@ def tuning(runs: list[dict]) -> str:
     for r in runs:
         if str(r.get("tag", "")).startswith("tune:") and r.get("val_acc") is not None:
             key = (r["tag"][len("tune:") :], r["model"], r["target_density"], r["epochs"])
-            if all(other["seed"] != r["seed"] for other in groups[key]):
-                groups[key].append(r)
+            _add_once_per_seed(groups[key], r)
     lines = [
         "| setting | model | target density % | epochs | lr | weight decay | batch | ramp / freeze | layer floor "
         "| val acc % | test acc % | density % | seeds |",
