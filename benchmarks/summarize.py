@@ -176,16 +176,22 @@ def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = Fal
         rows += [
             r for r in runs if r.get("tag") == "augmented" and r["method"] == "dense" and r["model"] in compared_models
         ]
-    # A headline SCL run with the same model, density and epochs as a side-by-side ModelPruning run is the same
-    # experiment (only more seeds): use it where no side-by-side SCL run exists.
-    compared = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "modelpruning"}
-    have_scl = {(r["model"], r["target_density"], r["epochs"]) for r in rows if r["method"] == "scl"}
+
+    # A headline SCL run (tagged ``augmented`` for shifted images) with the same model, density, epochs and shift as
+    # a side-by-side ModelPruning run is the same experiment (only more seeds): use it where no side-by-side SCL run
+    # exists.
+    def same_experiment(r: dict) -> tuple:
+        return r["model"], r["target_density"], r["epochs"], r["config"].get("max_shift", 0)
+
+    compared = {same_experiment(r) for r in rows if r["method"] == "modelpruning"}
+    have_scl = {same_experiment(r) for r in rows if r["method"] == "scl"}
+    headline_tag = "augmented" if augmented else "headline"
     rows += [
         r
         for r in runs
-        if not augmented
-        and r.get("tag") == "headline"
-        and (key := (r["model"], r["target_density"], r["epochs"])) in compared
+        if r.get("tag") == headline_tag
+        and r["method"] == "scl"
+        and (key := same_experiment(r)) in compared
         and key not in have_scl
     ]
     lines = [
@@ -423,9 +429,12 @@ def main(argv: list[str] | None = None) -> None:
         fake = {"model": "lenet300", "target_density": 0.02, "density": 0.02, "test_acc": 0.98, "seed": 0}
         fake |= {"epochs": 1, "config": {"ste": "identity", "normalize": "mean_abs", "mask_lr": 0.01}}
         fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
-        lines = [fake | {"method": m, "tag": t} for m in ("scl", "modelpruning") for t in ("headline", "side_by_side")]
+        # The SCL side of both side-by-side tables comes from the headline runs, as in the committed results.
+        lines = [fake | {"method": "scl", "tag": "headline"}, fake | {"method": "modelpruning", "tag": "side_by_side"}]
         lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
-        lines += [fake | {"method": m, "tag": "side_by_side_augmented"} for m in ("scl", "modelpruning")]
+        shifted = fake | {"config": fake["config"] | {"max_shift": 2}}
+        lines += [shifted | {"method": "scl", "tag": "augmented"}]
+        lines += [shifted | {"method": "modelpruning", "tag": "side_by_side_augmented"}]
         lines.append(fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | RECIPE})
         (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     runs = _load(results / "mnist_pruning.jsonl")
@@ -443,6 +452,10 @@ def main(argv: list[str] | None = None) -> None:
         path = results / f"elu_{net}.json"
         if path.exists():
             (results / f"elu_{net}.md").write_text(elu(path, results / f"elu_{net}.png") + "\n")
+    if args.smoke:
+        for name in ("mnist_side_by_side.md", "mnist_side_by_side_augmented.md"):
+            if "| +0.00 |" not in (results / name).read_text():
+                raise SystemExit(f"smoke: {name} does not pair the SCL run with the ModelPruning run")
     print(f"summaries written to {results}")
 
 
