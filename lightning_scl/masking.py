@@ -50,6 +50,7 @@ __all__ = [
     "ConnectivityMask",
     "count_connections",
     "fold_state_dict",
+    "gate_values",
     "has_masks",
     "inject_masks",
     "iter_masks",
@@ -88,6 +89,19 @@ def ste_derivative(mask: torch.Tensor, ste: str, slope: float = 0.1) -> torch.Te
     raise ValueError(f"ste must be one of {STES}, got {ste!r}")
 
 
+def gate_values(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``H(mask)`` as 0/1 values of ``dtype``, in the mask's shape, written by the comparison itself.
+
+    Multiplying by this gate is a plain vectorized product; ``where`` on a bool gate, which gives the same values,
+    measured 4-15x slower on CPU for the benchmark networks' layers (``benchmarks/mask_ops.py``).
+
+    Example:
+        >>> gate_values(torch.tensor([-1.0, 0.0, 2.0, float("nan")]), torch.float32)
+        tensor([0., 0., 1., 0.])
+    """
+    return torch.gt(mask, 0, out=torch.empty(mask.shape, dtype=dtype, device=mask.device))
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * H(m)`` with both gradients in one node: ``dW = g * H(m)``, ``dm = reduce(g * W) * dH/dm``.
 
@@ -97,16 +111,21 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor, ste: str, slope: float) -> torch.Tensor:  # type: ignore[override]
-        gate = mask > 0  # a bool gate and where(): one pass less than casting the gate and multiplying
+        # A 0/1 gate in the weight's dtype: a product with it is several times faster on CPU than ``where`` on a
+        # bool gate, for 3 more bytes per weight saved for backward. ``0 + W * gate`` (one fused pass) makes a
+        # switched-off negative weight +0.0 as ``where`` does, not -0.0. It differs from ``where`` only where a
+        # switched-off weight is inf/NaN (NaN instead of 0), which training does not produce without a non-finite
+        # loss first; exports fold with ``where`` and stay exact regardless.
+        gate = gate_values(mask, weight.dtype)
         ctx.save_for_backward(weight, mask, gate)
         ctx.ste = ste
         ctx.slope = slope
-        return torch.where(gate, weight, 0.0)
+        return torch.addcmul(weight.new_zeros(()), weight, gate)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         weight, mask, gate = ctx.saved_tensors
-        grad_weight = torch.where(gate, grad_out, 0.0) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_out * gate if ctx.needs_input_grad[0] else None
         grad_mask = None
         if ctx.needs_input_grad[1]:
             grad_mask = grad_out * weight

@@ -8,6 +8,7 @@ from lightning_scl.masking import (
     ConnectivityMask,
     count_connections,
     fold_state_dict,
+    gate_values,
     has_masks,
     inject_masks,
     iter_masks,
@@ -60,6 +61,26 @@ def test_switched_off_weights_get_no_task_gradient():
     assert off.any() and (~off).any()
     assert torch.all(w.grad[off] == 0)
     assert torch.equal(w.grad[~off], upstream[~off])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_shape", [(6, 5, 3, 3), (6, 1, 1, 1)], ids=["weight", "channel"])
+def test_float_gate_gives_the_values_of_where_on_a_bool_gate(dtype, mask_shape):
+    # The mask multiplies by a 0/1 gate for speed; values and gradients must be those of where(mask > 0, ., 0).
+    torch.manual_seed(2)
+    w = torch.randn(6, 5, 3, 3).to(dtype).requires_grad_()
+    m = torch.randn(mask_shape)
+    m.view(-1)[:2] = torch.tensor([0.0, float("nan")])  # exactly at the threshold, and NaN: both off
+    gate = m > 0
+    upstream = torch.randn(6, 5, 3, 3).to(dtype)
+    out = masked_weight(w, m)
+    out.backward(upstream)
+    assert out.dtype == dtype
+    expected = torch.where(gate, w.detach(), 0.0)
+    assert torch.equal(out, expected)
+    assert torch.equal(out.signbit(), expected.signbit())  # switched-off weights read +0.0, never -0.0
+    assert torch.equal(w.grad, torch.where(gate, upstream, 0.0))
+    assert torch.equal(gate_values(m, dtype), gate.to(dtype))
 
 
 def test_channel_mask_gradient_sums_over_fan_in():
