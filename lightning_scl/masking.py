@@ -69,6 +69,19 @@ GRANULARITIES = ("weight", "channel")
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+def gate_values(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``H(mask)`` as 0/1 values of ``dtype``, in the mask's shape, written by the comparison itself.
+
+    Multiplying by this gate is a plain vectorized product; ``where`` on a bool gate, which gives the same values,
+    measured 4-15x slower on CPU for the benchmark networks' layers (``benchmarks/mask_ops.py``).
+
+    Example:
+        >>> gate_values(torch.tensor([-1.0, 0.0, 2.0, float("nan")]), torch.float32)
+        tensor([0., 0., 1., 0.])
+    """
+    return torch.gt(mask, 0, out=torch.empty(mask.shape, dtype=dtype, device=mask.device))
+
+
 def ste_derivative(mask: torch.Tensor, ste: str, slope: float = 0.1) -> torch.Tensor | float:
     """Proxy derivative ``dH/dm`` of the unit step used by the straight-through estimator.
 
@@ -83,23 +96,11 @@ def ste_derivative(mask: torch.Tensor, ste: str, slope: float = 0.1) -> torch.Te
     if ste == "identity":
         return 1.0
     if ste == "leaky_relu":
-        return torch.where(mask > 0, torch.ones_like(mask), torch.full_like(mask, slope))
+        # lerp from slope to 1 by the 0/1 gate: exact at both ends, one pass, no bool where() (see gate_values)
+        return torch.lerp(mask.new_tensor(slope), mask.new_tensor(1.0), gate_values(mask, mask.dtype))
     if ste == "softplus":
         return torch.sigmoid(mask)
     raise ValueError(f"ste must be one of {STES}, got {ste!r}")
-
-
-def gate_values(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``H(mask)`` as 0/1 values of ``dtype``, in the mask's shape, written by the comparison itself.
-
-    Multiplying by this gate is a plain vectorized product; ``where`` on a bool gate, which gives the same values,
-    measured 4-15x slower on CPU for the benchmark networks' layers (``benchmarks/mask_ops.py``).
-
-    Example:
-        >>> gate_values(torch.tensor([-1.0, 0.0, 2.0, float("nan")]), torch.float32)
-        tensor([0., 0., 1., 0.])
-    """
-    return torch.gt(mask, 0, out=torch.empty(mask.shape, dtype=dtype, device=mask.device))
 
 
 class _MaskedWeight(torch.autograd.Function):
