@@ -270,27 +270,40 @@ def test_loss_scale_does_not_change_the_mask_update(normalize):
 
 
 class SwitchOffHalfTheHead(Callback):
+    """Switches off every other input connection of the head (weight masks) or every other output unit (channel)."""
+
+    def __init__(self, granularity: str = "weight"):
+        self.granularity = granularity
+
+    def off_and_on(self, tensor):
+        if self.granularity == "weight":
+            return tensor[:, ::2], tensor[:, 1::2]
+        return tensor[::2], tensor[1::2]
+
     def on_fit_start(self, trainer, pl_module):
         with torch.no_grad():
-            pl_module.head.parametrizations.weight[0].mask[:, ::2] = -1e6  # stays off for the whole run
+            self.off_and_on(pl_module.head.parametrizations.weight[0].mask)[0].fill_(-1e6)  # off for the whole run
         self.initial = pl_module.head.parametrizations.weight.original.detach().clone()
 
 
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
 @pytest.mark.parametrize("protect", [True, False])
-def test_pruned_weights_are_protected_from_weight_decay(protect):
+def test_pruned_weights_are_protected_from_weight_decay(protect, granularity):
     torch.manual_seed(0)
     model = MLP(weight_decay=0.5)
-    switch = SwitchOffHalfTheHead()
+    switch = SwitchOffHalfTheHead(granularity)
     # Never frozen: once masks are frozen no pruned weight can revive, so protection stops there (tested below).
-    scl = SparseConnectivityLearning(lam=0.0, protect_pruned_weights=protect, freeze_masks_at=None)
+    scl = SparseConnectivityLearning(
+        lam=0.0, protect_pruned_weights=protect, freeze_masks_at=None, granularity=granularity
+    )
     fit(model, [scl, switch], max_steps=5)
-    original = model.head.parametrizations.weight.original.detach()
-    off, on = original[:, ::2], original[:, 1::2]
-    assert not torch.equal(on, switch.initial[:, 1::2])  # weights whose mask is on train normally
+    off, on = switch.off_and_on(model.head.parametrizations.weight.original.detach())
+    initial_off, initial_on = switch.off_and_on(switch.initial)
+    assert not torch.equal(on, initial_on)  # weights whose mask is on train normally
     if protect:
-        assert torch.equal(off, switch.initial[:, ::2])
+        assert torch.equal(off, initial_off)
     else:  # decay alone: w <- w * (1 - lr * wd) with momentum, so every pruned weight shrinks
-        assert torch.all(off.abs() < switch.initial[:, ::2].abs())
+        assert torch.all(off.abs() < initial_off.abs())
 
 
 class NonFiniteOnce(Callback):
