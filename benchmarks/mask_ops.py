@@ -36,6 +36,7 @@ def operations(shape: tuple[int, ...]) -> dict[str, tuple[Callable[[], torch.Ten
     """For each per-step operation, (bool-gate version, float-gate version) on fresh tensors of ``shape``."""
     weight, mask, grad, before = (torch.randn(shape) for _ in range(4))
     original = weight.clone()
+    bool_gate, float_gate = mask > 0, gate_values(mask, weight.dtype)  # the backward reuses the forward's gate
 
     def restore_bool() -> torch.Tensor:
         original.copy_(weight)
@@ -51,8 +52,8 @@ def operations(shape: tuple[int, ...]) -> dict[str, tuple[Callable[[], torch.Ten
             lambda: masked_weight(weight, mask),  # the library's forward: 0 + W * gate, one pass
         ),
         "weight gradient g*H(m) (gate saved)": (
-            (lambda gate: lambda: torch.where(gate, grad, 0.0))(mask > 0),
-            (lambda gate: lambda: grad * gate)(gate_values(mask, grad.dtype)),
+            lambda: torch.where(bool_gate, grad, 0.0),
+            lambda: grad * float_gate,
         ),
         "restore protected weights (copy + restore)": (restore_bool, restore_float),
     }
@@ -89,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for shape_name, shape in shapes.items():
         for op_name, (bool_op, float_op) in operations(shape).items():
-            a, b = bool_op(), float_op()
-            same = torch.equal(a, b) and (op_name != "forward W*H(m)" or torch.equal(a.signbit(), b.signbit()))
+            bool_out, float_out = bool_op(), float_op()
+            same = torch.equal(bool_out, float_out) and (
+                op_name != "forward W*H(m)" or torch.equal(bool_out.signbit(), float_out.signbit())
+            )
             if not same:
                 raise SystemExit(f"{op_name} on {shape_name}: the two versions disagree")
             bool_us, float_us = time_pair(bool_op, float_op, args.rounds, args.reps)
