@@ -418,25 +418,8 @@ def elu(path: Path, plot_path: Path | None) -> str:
     return f"Seeds {seeds}, mean over seeds{spread}; settings in `{path.name}`.\n\n" + "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args(argv)
-    results = args.results
-    if args.smoke:
-        results = Path(tempfile.mkdtemp())
-        fake = {"model": "lenet300", "target_density": 0.02, "density": 0.02, "test_acc": 0.98, "seed": 0}
-        fake |= {"epochs": 1, "config": {"ste": "identity", "normalize": "mean_abs", "mask_lr": 0.01}}
-        fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
-        # The SCL side of both side-by-side tables comes from the headline runs, as in the committed results.
-        lines = [fake | {"method": "scl", "tag": "headline"}, fake | {"method": "modelpruning", "tag": "side_by_side"}]
-        lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
-        shifted = fake | {"config": fake["config"] | {"max_shift": 2}}
-        lines += [shifted | {"method": "scl", "tag": "augmented"}]
-        lines += [shifted | {"method": "modelpruning", "tag": "side_by_side_augmented"}]
-        lines.append(fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | RECIPE})
-        (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+def summarize(results: Path) -> None:
+    """Write every summary table and plot for the result files in ``results``."""
     runs = _load(results / "mnist_pruning.jsonl")
     if runs:
         (results / "mnist_headline.md").write_text(headline(runs) + "\n")
@@ -452,11 +435,34 @@ def main(argv: list[str] | None = None) -> None:
         path = results / f"elu_{net}.json"
         if path.exists():
             (results / f"elu_{net}.md").write_text(elu(path, results / f"elu_{net}.png") + "\n")
-    if args.smoke:
+    print(f"summaries written to {results}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        summarize(args.results)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp)
+        fake = {"model": "lenet300", "target_density": 0.02, "density": 0.02, "test_acc": 0.98, "seed": 0}
+        fake |= {"epochs": 1, "config": {"ste": "identity", "normalize": "mean_abs", "mask_lr": 0.01}}
+        fake["config"] |= {"mask_init": 1.0, "regularizer": "connections"}
+        # The SCL side of both side-by-side tables comes from the headline runs, as in the committed results.
+        lines = [fake | {"method": "scl", "tag": "headline"}, fake | {"method": "modelpruning", "tag": "side_by_side"}]
+        lines.append(fake | {"method": "scl", "tag": "ablation:smoke"})
+        shifted = fake | {"config": fake["config"] | {"max_shift": 2}}
+        lines += [shifted | {"method": "scl", "tag": "augmented"}]
+        lines += [shifted | {"method": "modelpruning", "tag": "side_by_side_augmented"}]
+        lines.append(fake | {"method": "scl", "tag": "tune:smoke", "val_acc": 0.98, "config": fake["config"] | RECIPE})
+        (results / "mnist_pruning.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        summarize(results)
         for name in ("mnist_side_by_side.md", "mnist_side_by_side_augmented.md"):
             if "| +0.00 |" not in (results / name).read_text():
                 raise SystemExit(f"smoke: {name} does not pair the SCL run with the ModelPruning run")
-    print(f"summaries written to {results}")
 
 
 if __name__ == "__main__":

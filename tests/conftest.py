@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -18,6 +21,18 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+@functools.cache
+def _trainer_root() -> str:
+    """One folder for every trainer's end-of-fit reports (they must not land in the repo), removed at exit.
+
+    A folder per trainer used to be left behind, thousands per run; created on first use so that helper scripts
+    importing this module (some are killed on purpose) leave nothing either.
+    """
+    root = tempfile.mkdtemp(prefix="scl_tests_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 def quiet_trainer(**kwargs) -> L.Trainer:
     """A CPU trainer with no logger, checkpoint, progress bar or summary unless asked for."""
     defaults = dict(
@@ -28,7 +43,7 @@ def quiet_trainer(**kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
-        default_root_dir=tempfile.mkdtemp(prefix="scl_test_"),  # end-of-fit reports must not land in the repo
+        default_root_dir=tempfile.mkdtemp(dir=_trainer_root()),
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
