@@ -418,6 +418,8 @@ class ImageClassifier(L.LightningModule):
         model_kwargs: extra constructor arguments for a named model (e.g. ``{"activation": "elu"}``).
         input_shape: per-sample input shape (C, H, W) for ``example_input_array``; by default derived from
             the model name, None for a module.
+        label_smoothing: amount of label smoothing in the training loss, in [0, 1); validation and test losses
+            are plain cross-entropy.
 
     Example:
         >>> clf = ImageClassifier("lenet300", num_classes=10)
@@ -437,8 +439,11 @@ class ImageClassifier(L.LightningModule):
         scheduler: Literal["cosine", "step", "none"] = "cosine",
         model_kwargs: dict[str, Any] | None = None,
         input_shape: tuple[int, ...] | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if scheduler not in ("cosine", "step", "none"):
@@ -465,7 +470,7 @@ class ImageClassifier(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc.update(logits.detach(), y)
         # epoch means under plain names (on_step and on_epoch together would log "_step"/"_epoch" variants)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)

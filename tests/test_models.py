@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -220,3 +221,24 @@ def test_invalid_classifier_options() -> None:
         ImageClassifier(optimizer="rmsprop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scheduler"):
         ImageClassifier(scheduler="linear")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ImageClassifier(label_smoothing=1.0)
+
+
+def test_label_smoothing_applies_to_the_training_loss_only() -> None:
+    # A confident, correct prediction: plain cross-entropy is near 0, smoothed cross-entropy is not.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    nn.init.zeros_(net[1].weight)
+    net[1].bias.data = torch.tensor([20.0, 0.0, 0.0])
+    batch = (torch.randn(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
+    plain = ImageClassifier(net, num_classes=3)
+    smoothed = ImageClassifier(net, num_classes=3, label_smoothing=0.3)
+    for model in (plain, smoothed):
+        model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    expected = F.cross_entropy(net(batch[0]), batch[1], label_smoothing=0.3)
+    assert float(plain.training_step(batch, 0)) < 1e-6
+    assert float(smoothed.training_step(batch, 0)) == pytest.approx(float(expected)) and float(expected) > 1
+    del smoothed.log  # back to Lightning's logging for the validation run
+    loader = DataLoader(TensorDataset(*batch), batch_size=6)
+    (result,) = _trainer().validate(smoothed, loader, verbose=False)
+    assert result["val/loss"] < 1e-6
