@@ -625,3 +625,66 @@ def test_report_files_follow_the_logger_or_report_dir(tmp_path):
     assert not list((tmp_path / "root").glob("scl_report*"))  # no logger: table only, no stray files
     fit(MLP(), [SparseConnectivityLearning(lam=0.2, report_dir=str(tmp_path / "rep"))], max_steps=2)
     assert {p.name for p in (tmp_path / "rep").iterdir()} >= {"scl_report.csv", "scl_report.json"}
+
+
+class SnapSpy(SparseConnectivityLearning):
+    """Records the mask values the exact-density snap starts from."""
+
+    def _snap_to_target_density(self):
+        self.before_snap = masks_of(self)
+        super()._snap_to_target_density()
+
+
+@pytest.mark.parametrize("exact_density", [True, False])
+def test_exact_density_at_the_freeze_keeps_the_largest_masks(exact_density):
+    torch.manual_seed(0)
+    scl = SnapSpy(target_density=0.23, mask_lr=0.05, ramp_end=0.4, freeze_masks_at=0.6, exact_density=exact_density)
+    fit(MLP(), [scl], data=loader(n=512), max_epochs=10)
+    total = sum(m.numel_connections for m in scl.masks.values())
+    kept = sum(m.kept() for m in scl.masks.values())
+    if not exact_density:
+        assert not hasattr(scl, "before_snap")
+        assert kept != round(0.23 * total)  # the controller alone lands near, not on, the target
+        return
+    assert kept == round(0.23 * total)
+    before = torch.cat([v.reshape(-1) for v in scl.before_snap.values()])
+    after = torch.cat([m.mask.detach().reshape(-1) for m in scl.masks.values()])
+    assert int((before > 0).sum()) != kept  # the snap had something to do
+    # one ranking over all layers: nothing dropped ranks above anything kept
+    assert before[after > 0].min() >= before[after <= 0].max()
+
+
+def _masks_with_values(scl: SparseConnectivityLearning, values: dict[str, torch.Tensor], granularity="weight"):
+    from lightning_scl.masking import ConnectivityMask
+
+    for name, value in values.items():
+        shape = value.shape if granularity == "weight" else (value.numel(), 5)
+        mask = ConnectivityMask(shape, granularity=granularity)
+        mask.mask.data = value.reshape(mask.mask.shape).clone()
+        scl._masks[name] = mask
+
+
+def test_exact_density_snap_ranks_across_layers_and_respects_layer_floors():
+    scl = SparseConnectivityLearning(target_density=0.5, min_density_per_layer=0.25)
+    # the goal is 4 of 8: the four largest are all in layer "a", but the floor keeps one of "b" (its largest)
+    _masks_with_values(
+        scl, {"a": torch.tensor([[0.9, 0.8], [0.7, -0.1]]), "b": torch.tensor([[-0.5, -0.2], [-0.3, -0.4]])}
+    )
+    scl._snap_to_target_density()
+    assert (scl.masks["a"].mask > 0).tolist() == [[True, True], [True, False]]
+    assert (scl.masks["b"].mask > 0).tolist() == [[False, True], [False, False]]
+    # unchanged values where nothing changed; revived ones just above the threshold
+    assert float(scl.masks["a"].mask[0, 0]) == pytest.approx(0.9) and 0 < float(scl.masks["b"].mask[0, 1]) < 0.01
+
+
+def test_exact_density_snap_with_channel_masks_takes_the_nearest_count():
+    # channel masks of 5 connections each; 40 connections, goal round(0.3 * 40) = 12: 10 (2 channels) is nearer than
+    # 15 (3 channels), and the two kept are the two largest
+    scl = SparseConnectivityLearning(target_density=0.3, granularity="channel")
+    _masks_with_values(
+        scl, {"a": torch.tensor([0.5, -0.2, 0.1, 0.3]), "b": torch.tensor([0.2, -0.1, 0.05, 0.4])}, "channel"
+    )
+    scl._snap_to_target_density()
+    kept = {name: (m.mask.view(-1) > 0).tolist() for name, m in scl.masks.items()}
+    assert kept == {"a": [True, False, False, False], "b": [False, False, False, True]}
+    assert scl.density == pytest.approx(10 / 40)

@@ -38,6 +38,7 @@ CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
 _MAX_LOG_LAM_STEP = 0.1  # lam changes by at most ~10% per step, however short the run
+_SNAP_ON = 1e-3  # value of a mask the exact-density snap switches on (frozen afterwards: only the sign matters)
 
 
 def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
@@ -126,7 +127,12 @@ class SparseConnectivityLearning(Callback):
             int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes. Default 0.7:
             the last 30% fine-tune the final connectivity and skip the mask work (never worse in the benchmarks,
             better under uniform pressure). With ``target_density`` a fractional freeze must come after ``ramp_end``.
-        ramp_end: with ``target_density``: fraction of training at which the density schedule reaches the target.
+        exact_density: with ``target_density`` and ``freeze_masks_at``: when the masks freeze, switch connections on
+            or off so that exactly ``target_density`` of them are kept (to the nearest variable for channel masks).
+            The controller only tracks the schedule to within a few percent (for example 1.96% for a 2% target);
+            the snap ranks every mask variable of every layer by its value ``m``, which is what SCL learned, so it
+            revives the connections that were closest to the threshold (their weights were kept by
+            ``protect_pruned_weights``) or drops the weakest. ``min_density_per_layer`` is respected.
         controller_gain: with ``target_density``: how strongly ``lam`` reacts to the log-density error, per run
             (over the whole training ``lam`` may move by ``exp(controller_gain * error)``), so the same value works
             for short and long runs.
@@ -170,6 +176,7 @@ class SparseConnectivityLearning(Callback):
         mask_lr_schedule: str = "constant",
         freeze_masks_at: float | int | None = 0.7,
         ramp_end: float = 0.5,
+        exact_density: bool = True,
         controller_gain: float = 100.0,
         protect_pruned_weights: bool = True,
         min_density_per_layer: float = 0.0,
@@ -262,6 +269,7 @@ class SparseConnectivityLearning(Callback):
         self.fan_in_exponent = float(fan_in_exponent)
         self.freeze_masks_at = freeze_masks_at
         self.ramp_end = float(ramp_end)
+        self.exact_density = bool(exact_density)
         self.controller_gain = float(controller_gain)
         self.protect_pruned_weights = protect_pruned_weights
         self.min_density_per_layer = float(min_density_per_layer)
@@ -618,6 +626,8 @@ class SparseConnectivityLearning(Callback):
             self._frozen = True
             self._set_mask_gradients(trainer)
             rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
+            if self.exact_density and self.target_density is not None:
+                self._snap_to_target_density()
         step = trainer.global_step
         log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
         if self._frozen:
@@ -737,6 +747,48 @@ class SparseConnectivityLearning(Callback):
                     continue
                 top = torch.topk(values, need).indices
                 values[top] = values[top].clamp_min(1e-3)
+
+    def _snap_to_target_density(self) -> None:
+        """Keep exactly the ``target_density`` share of connections: the mask variables with the largest values.
+
+        A prefix of one ranking over all layers, so a variable is never kept while a larger one is dropped (layer
+        floors first). Switched-on variables get a tiny positive value, switched-off ones 0: only the sign matters
+        once the masks are frozen.
+        """
+        assert self.target_density is not None
+        masks = list(self._masks.values())
+        total = sum(mask.numel_connections for mask in masks)
+        goal = round(self.target_density * total)
+        with torch.no_grad():
+            keys, costs = [], []
+            for mask in masks:
+                key = mask.mask.detach().reshape(-1).clone()
+                need = math.ceil(self.min_density_per_layer * key.numel()) if self.min_density_per_layer else 0
+                if need:  # the floor's variables rank ahead of everything
+                    key[torch.topk(key, need).indices] = math.inf
+                keys.append(key)
+                costs.append(torch.full_like(key, mask.connections_per_variable, dtype=torch.int64))
+            order = torch.argsort(torch.cat(keys), descending=True, stable=True)
+            # connections kept by each prefix of the ranking, from the empty one on
+            prefix = torch.cat(costs)[order].cumsum(0)
+            prefix = torch.cat([prefix.new_zeros(1), prefix])
+            # the prefix nearest the goal (exact for weight masks): the last one below it or the first at or above
+            above = min(int(torch.searchsorted(prefix, prefix.new_tensor([goal]))), len(order))
+            below = max(above - 1, 0)
+            kept_variables = below if goal - int(prefix[below]) < int(prefix[above]) - goal else above
+            keep = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+            keep[order[:kept_variables]] = True
+            before = self.density
+            offset = 0
+            for mask in masks:
+                values = mask.mask.view(-1)
+                on = keep[offset : offset + values.numel()]
+                offset += values.numel()
+                values.copy_(torch.where(on, values.clamp_min(_SNAP_ON), values.clamp_max(0.0)))
+        rank_zero_info(
+            f"SparseConnectivityLearning: kept exactly the target density at the freeze: {100 * before:.3f}% -> "
+            f"{100 * self.density:.3f}% of the connections."
+        )
 
     def _snapshot_pruned_weights(self, trainer: L.Trainer) -> None:
         if self._decayed_originals is None:  # the user's param groups are fixed once fit has started
