@@ -17,6 +17,9 @@ Usage::
     python benchmarks/mnist_pruning.py --model lenet300 --method scl --density 0.015 --epochs 60 --seeds 0 1 2
     python benchmarks/mnist_pruning.py --model lenet5 --method modelpruning --density 0.02 --epochs 20
     python benchmarks/mnist_pruning.py --smoke      # CI: a few steps on a data subset, writes nothing
+
+Distillation from a dense teacher (both methods alike): train the teacher with ``--method dense --save-model T.pt``,
+then pass ``--teacher T.pt`` (``--distill-alpha``, ``--distill-temperature``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
@@ -72,6 +76,35 @@ def modelpruning_callback(model: ImageClassifier, target: float, epochs: int, ra
     )
 
 
+class DistilledClassifier(ImageClassifier):
+    """``ImageClassifier`` whose training loss also matches a fixed teacher's softened outputs (Hinton et al. 2015).
+
+    ``loss = (1 - alpha) * CE(y) + alpha * T^2 * KL(teacher_T || student_T)``. The teacher is kept outside the
+    module tree (and out of the hyperparameters) so no pruning callback masks it and no optimizer sees it.
+    """
+
+    def __init__(self, *args: Any, alpha: float, temperature: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha, self.temperature = alpha, temperature
+        self._teacher: list[nn.Module] = []
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        self._teacher = [teacher.eval().requires_grad_(False)]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        with torch.no_grad():
+            soft_targets = F.log_softmax(self._teacher[0](x) / self.temperature, dim=1)
+        student = F.log_softmax(logits / self.temperature, dim=1)
+        distill = F.kl_div(student, soft_targets, log_target=True, reduction="batchmean")
+        loss = (1 - self.alpha) * F.cross_entropy(logits, y) + self.alpha * self.temperature**2 * distill
+        self.train_acc.update(logits.detach(), y)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+
 def weight_density(model: nn.Module) -> float:
     """Kept fraction over Linear/Conv weights: SCL masks, or exact zeros after ModelPruning / for dense."""
     kept, total = count_connections(model)
@@ -99,7 +132,23 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         train_subset=args.train_subset,
         max_shift=args.max_shift,
     )
-    model = ImageClassifier(args.model, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True)
+    options: dict[str, Any] = dict(
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=args.weight_decay,
+        nesterov=True,
+        optimizer=args.optimizer,
+        label_smoothing=args.label_smoothing,
+    )
+    if args.teacher is not None:
+        teacher = ImageClassifier(args.model)
+        teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
+        model: ImageClassifier = DistilledClassifier(
+            args.model, alpha=args.distill_alpha, temperature=args.distill_temperature, **options
+        )
+        model.set_teacher(teacher.model)
+    else:
+        model = ImageClassifier(args.model, **options)
     callbacks: list[L.Callback] = []
     if args.method == "scl":
         callbacks.append(
@@ -119,6 +168,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
                 regularizer=args.regularizer,
                 fan_in_exponent=args.fan_in_exponent,
                 min_density_per_layer=args.min_density_per_layer,
+                exact_density=not args.no_exact_density,
             )
         )
         if args.ste_slope is not None:
@@ -142,8 +192,12 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, data)
     fit_seconds = time.perf_counter() - start
+    if args.save_model is not None:
+        torch.save(model.state_dict(), args.save_model)
     # The last epoch's validation accuracy: the number hyperparameters are chosen by (never the test accuracy).
     val_acc = trainer.callback_metrics.get("val/acc")
+    # The last epoch's mean training accuracy: tells underfitting from overfitting.
+    train_acc = trainer.callback_metrics.get("train/acc")
     test = trainer.test(model, data, verbose=False)[0]
     return {
         "model": args.model,
@@ -152,14 +206,23 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "density": weight_density(model),
         "layer_density": layer_densities(model),
         "val_acc": None if val_acc is None else round(float(val_acc), 5),
+        "train_acc": None if train_acc is None else round(float(train_acc), 5),
         "test_acc": test["test/acc"],
         "test_error_pct": 100 * (1 - test["test/acc"]),
         "seed": seed,
         "epochs": args.epochs,
         "fit_seconds": round(fit_seconds, 1),
-        "config": {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir", "smoke")}
+        "config": {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if k not in ("seeds", "out", "data_dir", "smoke", "save_model")
+        }
         | (
-            {"fan_in_exponent": callbacks[0].fan_in_exponent, "normalize_over": callbacks[0].normalize_over}
+            {
+                "fan_in_exponent": callbacks[0].fan_in_exponent,
+                "normalize_over": callbacks[0].normalize_over,
+                "exact_density": callbacks[0].exact_density,
+            }
             if args.method == "scl"
             else {}
         ),
@@ -179,9 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer of the weights")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the training loss")
     parser.add_argument("--ramp", type=float, default=0.6, help="fraction of training over which density ramps down")
     parser.add_argument("--freeze", type=float, default=0.7, help="SCL: freeze masks after this fraction")
     parser.add_argument("--no-freeze", action="store_true", help="SCL: never freeze the masks (freeze_masks_at=None)")
+    parser.add_argument(
+        "--no-exact-density", action="store_true", help="SCL: exact_density=False (keep the controller's density)"
+    )
     parser.add_argument("--mask-lr", type=float, default=0.01)
     parser.add_argument("--mask-momentum", type=float, default=0.9)
     parser.add_argument("--no-protect", action="store_true", help="SCL: protect_pruned_weights=False")
@@ -196,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regularizer", default="connections")
     parser.add_argument("--min-density-per-layer", type=float, default=0.0, help="SCL: per-layer density floor")
     parser.add_argument("--fan-in-exponent", type=float, default=None, help="SCL: None = the callback's default")
+    parser.add_argument("--teacher", type=Path, default=None, help="distill from this dense state dict (--save-model)")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument("--save-model", type=Path, default=None, help="write the trained model's state dict here")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument(
         "--max-shift",

@@ -2,7 +2,9 @@
 # Run every benchmark in its tiny smoke mode so none can rot (CI). Writes nothing under benchmarks/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data_dir="${LIGHTNING_SCL_DATA:-$(mktemp -d)}"
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+data_dir="${LIGHTNING_SCL_DATA:-$scratch/data}"
 for script in benchmarks/*.py; do
     case "$script" in
         benchmarks/summarize.py) args=(--smoke) ;;
@@ -12,4 +14,7 @@ for script in benchmarks/*.py; do
     echo "-- $script ${args[*]}"
     python "$script" "${args[@]}" > /dev/null
 done
+echo "-- benchmarks/mnist_pruning.py with distillation from a dense teacher"
+python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense --save-model "$scratch/teacher.pt" > /dev/null
+python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --teacher "$scratch/teacher.pt" > /dev/null
 echo "benchmark smoke runs OK"
