@@ -688,3 +688,12 @@ def test_exact_density_snap_with_channel_masks_takes_the_nearest_count():
     kept = {name: (m.mask.view(-1) > 0).tolist() for name, m in scl.masks.items()}
     assert kept == {"a": [True, False, False, False], "b": [False, False, False, True]}
     assert scl.density == pytest.approx(10 / 40)
+
+
+def test_exact_density_warns_when_the_controller_was_far_from_the_target():
+    # five steps: the masks freeze long before the controller could prune to 10%
+    scl = SparseConnectivityLearning(target_density=0.1, ramp_end=0.3, freeze_masks_at=0.5)
+    with pytest.warns(UserWarning, match="far from target_density=0.1"):
+        fit(MLP(), [scl], max_steps=5)
+    total = sum(m.numel_connections for m in scl.masks.values())
+    assert sum(m.kept() for m in scl.masks.values()) == round(0.1 * total)

@@ -785,10 +785,18 @@ class SparseConnectivityLearning(Callback):
                 on = keep[offset : offset + values.numel()]
                 offset += values.numel()
                 values.copy_(torch.where(on, values.clamp_min(_SNAP_ON), values.clamp_max(0.0)))
+        after = self.density
         rank_zero_info(
             f"SparseConnectivityLearning: kept exactly the target density at the freeze: {100 * before:.3f}% -> "
-            f"{100 * self.density:.3f}% of the connections."
+            f"{100 * after:.3f}% of the connections."
         )
+        if abs(math.log(max(before, 1e-12) / max(after, 1e-12))) > math.log(1.25):
+            rank_zero_warn(
+                f"SparseConnectivityLearning: the density was {100 * before:.2f}% when the masks froze, far from "
+                f"target_density={self.target_density:g}; the exact-density step moved it to {100 * after:.2f}% by "
+                "mask value in one go, which the masks did not learn. Give the controller more steps before "
+                "freeze_masks_at (or raise mask_lr / controller_gain), or set exact_density=False."
+            )
 
     def _snapshot_pruned_weights(self, trainer: L.Trainer) -> None:
         if self._decayed_originals is None:  # the user's param groups are fixed once fit has started
