@@ -38,7 +38,7 @@ CHECKPOINT_KEY = "lightning_scl"
 _STATE_VERSION = 1
 _LAM_BOUNDS = (1e-6, 100.0)
 _MAX_LOG_LAM_STEP = 0.1  # lam changes by at most ~10% per step, however short the run
-_SNAP_ON = 1e-3  # value of a mask the exact-density snap switches on (frozen afterwards: only the sign matters)
+_REVIVED_MASK_VALUE = 1e-3  # just above the threshold: a mask switched back on by a layer floor or the exact density
 
 
 def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
@@ -127,6 +127,7 @@ class SparseConnectivityLearning(Callback):
             int: epoch number) while the weights keep training (fine-tuning). ``None`` never freezes. Default 0.7:
             the last 30% fine-tune the final connectivity and skip the mask work (never worse in the benchmarks,
             better under uniform pressure). With ``target_density`` a fractional freeze must come after ``ramp_end``.
+        ramp_end: with ``target_density``: fraction of training at which the density schedule reaches the target.
         exact_density: with ``target_density`` and ``freeze_masks_at``: when the masks freeze, switch connections on
             or off so that exactly ``target_density`` of them are kept (to the nearest variable for channel masks).
             The controller only tracks the schedule to within a few percent (for example 1.96% for a 2% target);
@@ -746,7 +747,7 @@ class SparseConnectivityLearning(Callback):
                 if int((values > 0).sum()) >= need:
                     continue
                 top = torch.topk(values, need).indices
-                values[top] = values[top].clamp_min(1e-3)
+                values[top] = values[top].clamp_min(_REVIVED_MASK_VALUE)
 
     def _snap_to_target_density(self) -> None:
         """Keep exactly the ``target_density`` share of connections: the mask variables with the largest values.
@@ -784,7 +785,7 @@ class SparseConnectivityLearning(Callback):
                 values = mask.mask.view(-1)
                 on = keep[offset : offset + values.numel()]
                 offset += values.numel()
-                values.copy_(torch.where(on, values.clamp_min(_SNAP_ON), values.clamp_max(0.0)))
+                values.copy_(torch.where(on, values.clamp_min(_REVIVED_MASK_VALUE), values.clamp_max(0.0)))
         after = self.density
         rank_zero_info(
             f"SparseConnectivityLearning: kept exactly the target density at the freeze: {100 * before:.3f}% -> "
