@@ -23,6 +23,7 @@ def test_ddp_ranks_agree_and_log_once(tmp_path):
     for key in ("masks", "weights", "lam", "density"):
         assert rank0[key] == rank1[key], key
     assert rank0["density"] < 0.9 and rank0["lam"] != 0.01  # masks and controller actually moved
+    assert rank0["kept"] == round(0.3 * rank0["connections"])  # the exact-density step ran, identically on both
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as fh:
         steps = [row["step"] for row in csv.DictReader(fh) if row.get("scl/density")]
     assert len(steps) == len(set(steps)) == 3 * 8  # one row per step: written by rank zero only

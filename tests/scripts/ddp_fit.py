@@ -57,6 +57,8 @@ def main(out_dir: Path) -> None:
         "weights": digest(p for n, p in model.named_parameters() if "mask" not in n),
         "lam": scl.lam,
         "density": scl.density,
+        "kept": sum(m.kept() for m in scl.masks.values()),
+        "connections": sum(m.numel_connections for m in scl.masks.values()),
         "steps": trainer.global_step,
         "swapped": [type(m).__name__ for m in model.modules() if "ELU" in type(m).__name__],
     }
