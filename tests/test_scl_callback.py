@@ -642,9 +642,10 @@ def test_exact_density_at_the_freeze_keeps_the_largest_masks(exact_density):
     fit(MLP(), [scl], data=loader(n=512), max_epochs=10)
     total = sum(m.numel_connections for m in scl.masks.values())
     kept = sum(m.kept() for m in scl.masks.values())
+    assert scl.frozen
     if not exact_density:
-        assert not hasattr(scl, "before_snap")
-        assert kept != round(0.23 * total)  # the controller alone lands near, not on, the target
+        assert not hasattr(scl, "before_snap")  # the freeze left the controller's density as it was
+        assert abs(kept / total - 0.23) < 0.05
         return
     assert kept == round(0.23 * total)
     before = torch.cat([v.reshape(-1) for v in scl.before_snap.values()])
