@@ -698,3 +698,14 @@ def test_exact_density_warns_when_the_controller_was_far_from_the_target():
         fit(MLP(), [scl], max_steps=5)
     total = sum(m.numel_connections for m in scl.masks.values())
     assert sum(m.kept() for m in scl.masks.values()) == round(0.1 * total)
+
+
+def test_exact_density_snap_keeps_layer_floors_above_the_target():
+    # goal round(0.1 * 8) = 1 connection, but the floors ask for 2 of the 4 variables in each layer: all 4 stay
+    scl = SparseConnectivityLearning(target_density=0.1, min_density_per_layer=0.5)
+    _masks_with_values(
+        scl, {"a": torch.tensor([[0.9, 0.8], [-0.7, -0.1]]), "b": torch.tensor([[-0.5, -0.2], [-0.3, 0.4]])}
+    )
+    scl._snap_to_target_density()
+    assert (scl.masks["a"].mask > 0).tolist() == [[True, True], [False, False]]
+    assert (scl.masks["b"].mask > 0).tolist() == [[False, True], [False, True]]

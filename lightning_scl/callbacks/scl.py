@@ -762,11 +762,13 @@ class SparseConnectivityLearning(Callback):
         goal = round(self.target_density * total)
         with torch.no_grad():
             keys, costs = [], []
+            floor_variables = 0
             for mask in masks:
                 key = mask.mask.detach().reshape(-1).clone()
                 need = math.ceil(self.min_density_per_layer * key.numel()) if self.min_density_per_layer else 0
                 if need:  # the floor's variables rank ahead of everything
                     key[torch.topk(key, need).indices] = math.inf
+                    floor_variables += need
                 keys.append(key)
                 costs.append(torch.full_like(key, mask.connections_per_variable, dtype=torch.int64))
             order = torch.argsort(torch.cat(keys), descending=True, stable=True)
@@ -777,6 +779,7 @@ class SparseConnectivityLearning(Callback):
             above = min(int(torch.searchsorted(prefix, prefix.new_tensor([goal]))), len(order))
             below = max(above - 1, 0)
             kept_variables = below if goal - int(prefix[below]) < int(prefix[above]) - goal else above
+            kept_variables = max(kept_variables, floor_variables)  # floors above the target keep more, never fewer
             keep = torch.zeros(len(order), dtype=torch.bool, device=order.device)
             keep[order[:kept_variables]] = True
             before = self.density
