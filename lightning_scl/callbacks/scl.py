@@ -739,11 +739,15 @@ class SparseConnectivityLearning(Callback):
         lam = self.lam * math.exp(step)
         self.lam = min(max(lam, _LAM_BOUNDS[0]), _LAM_BOUNDS[1])
 
+    def _floor_size(self, mask: ConnectivityMask) -> int:
+        """How many of ``mask``'s variables ``min_density_per_layer`` keeps on (0 without a floor)."""
+        return math.ceil(self.min_density_per_layer * mask.mask.numel())
+
     def _apply_density_floor(self) -> None:
         with torch.no_grad():
             for mask in self._masks.values():
                 values = mask.mask.view(-1)
-                need = math.ceil(self.min_density_per_layer * values.numel())
+                need = self._floor_size(mask)
                 if int((values > 0).sum()) >= need:
                     continue
                 top = torch.topk(values, need).indices
@@ -765,7 +769,7 @@ class SparseConnectivityLearning(Callback):
             floor_variables = 0
             for mask in masks:
                 key = mask.mask.detach().reshape(-1).clone()
-                need = math.ceil(self.min_density_per_layer * key.numel()) if self.min_density_per_layer else 0
+                need = self._floor_size(mask)
                 if need:  # the floor's variables rank ahead of everything
                     key[torch.topk(key, need).indices] = math.inf
                     floor_variables += need
