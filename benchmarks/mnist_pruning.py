@@ -79,8 +79,9 @@ def modelpruning_callback(model: ImageClassifier, target: float, epochs: int, ra
 class DistilledClassifier(ImageClassifier):
     """``ImageClassifier`` whose training loss also matches a fixed teacher's softened outputs (Hinton et al. 2015).
 
-    ``loss = (1 - alpha) * CE(y) + alpha * T^2 * KL(teacher_T || student_T)``. The teacher is kept outside the
-    module tree (and out of the hyperparameters) so no pruning callback masks it and no optimizer sees it.
+    ``loss = (1 - alpha) * CE(y) + alpha * T^2 * KL(teacher_T || student_T)``, CE being ``ImageClassifier``'s own
+    training loss (with its label smoothing, if any). The teacher is kept outside the module tree (and out of the
+    hyperparameters) so no pruning callback masks it and no optimizer sees it.
     """
 
     def __init__(self, *args: Any, alpha: float, temperature: float, **kwargs: Any) -> None:
@@ -91,18 +92,12 @@ class DistilledClassifier(ImageClassifier):
     def set_teacher(self, teacher: nn.Module) -> None:
         self._teacher = [teacher.eval().requires_grad_(False)]
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
+    def training_loss(self, logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            soft_targets = F.log_softmax(self._teacher[0](x) / self.temperature, dim=1)
+            soft_targets = F.log_softmax(self._teacher[0](batch[0]) / self.temperature, dim=1)
         student = F.log_softmax(logits / self.temperature, dim=1)
         distill = F.kl_div(student, soft_targets, log_target=True, reduction="batchmean")
-        loss = (1 - self.alpha) * F.cross_entropy(logits, y) + self.alpha * self.temperature**2 * distill
-        self.train_acc.update(logits.detach(), y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return (1 - self.alpha) * super().training_loss(logits, batch) + self.alpha * self.temperature**2 * distill
 
 
 def weight_density(model: nn.Module) -> float:
