@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -304,6 +305,13 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
     return "\n".join(lines)
 
 
+def _paired_runs(by_column: dict[Any, list[dict]], columns: list) -> tuple[list[int], dict[Any, list[dict]]]:
+    """The seeds every one of ``columns`` has, and each column's runs for just those seeds, in seed order."""
+    seeds = sorted(set.intersection(*({r["seed"] for r in by_column[c]} for c in columns)))
+    picked = {c: sorted((r for r in by_column[c] if r["seed"] in seeds), key=lambda r: r["seed"]) for c in columns}
+    return seeds, picked
+
+
 def exact_density(runs: list[dict]) -> str:
     """SCL with ``exact_density`` (tag ``side_by_side_exact``) beside the controller-only SCL runs and ModelPruning.
 
@@ -329,10 +337,9 @@ def exact_density(runs: list[dict]) -> str:
     for (model, target), columns in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         if not columns["exact"]:
             continue
-        seeds = sorted(set.intersection(*({r["seed"] for r in columns[c]} for c in ("modelpruning", "scl", "exact"))))
+        seeds, picked = _paired_runs(columns, ["modelpruning", "scl", "exact"])
         if not seeds:
             continue
-        picked = {c: sorted((r for r in columns[c] if r["seed"] in seeds), key=lambda r: r["seed"]) for c in columns}
         acc = {c: statistics.mean(100 * r["test_acc"] for r in rs) for c, rs in picked.items()}
         text = {
             c: f"{_mean_std([100 * r['test_acc'] for r in rs])} ({statistics.mean(100 * r['density'] for r in rs):.2f})"
@@ -376,13 +383,10 @@ def distillation(runs: list[dict]) -> str:
     ]
     columns = [("modelpruning", False), ("scl", False), ("modelpruning", True), ("scl", True)]
     for (model, target), by_column in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        seeds = sorted(set.intersection(*({r["seed"] for r in by_column[c]} for c in columns)))
+        seeds, picked = _paired_runs(by_column, columns)
         if not seeds:
             continue
-        acc = {
-            c: [100 * r["test_acc"] for r in sorted(by_column[c], key=lambda r: r["seed"]) if r["seed"] in seeds]
-            for c in columns
-        }
+        acc = {c: [100 * r["test_acc"] for r in rs] for c, rs in picked.items()}
         mean = {c: statistics.mean(v) for c, v in acc.items()}
         gap = [f"{round(mean[('scl', d)] - mean[('modelpruning', d)], 2) + 0.0:+.2f}" for d in (False, True)]
         lines.append(
