@@ -1,7 +1,8 @@
 """MNIST pruning quality: SCL against Lightning's ModelPruning (gradual global L1) and the dense baseline.
 
-Every run trains ``ImageClassifier`` on ``MNISTDataModule`` (55k train / 5k validation carved from the training set;
-the 10k test set is only used for the final number, never for selection) with the same optimizer, schedule and
+Every run trains ``ImageClassifier`` on ``MNISTDataModule`` (55k train / 5k validation carved from the training set,
+or all 60k with ``--val-size 0`` once settings are chosen; the 10k test set is only used for the final number, never
+for selection) with the same optimizer, schedule and
 epochs; only the pruning callback differs:
 
 - ``scl``: ``SparseConnectivityLearning(target_density=d, ...)``;
@@ -39,6 +40,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
+from lightning_scl.activations import swap_activations
+from lightning_scl.callbacks.elu import ELUSwap
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
 from lightning_scl.data import MNISTDataModule
 from lightning_scl.masking import count_connections
@@ -92,6 +95,10 @@ class DistilledClassifier(ImageClassifier):
     def set_teacher(self, teacher: nn.Module) -> None:
         self._teacher = [teacher.eval().requires_grad_(False)]
 
+    def on_fit_start(self) -> None:
+        # Outside the module tree, the teacher is not moved by Lightning: follow the student's device.
+        self._teacher[0].to(self.device)
+
     def training_loss(self, logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             soft_targets = F.log_softmax(self._teacher[0](batch[0]) / self.temperature, dim=1)
@@ -118,6 +125,10 @@ def layer_densities(model: nn.Module) -> dict[str, float]:
     }
 
 
+def scl_callback(callbacks: list[L.Callback]) -> SparseConnectivityLearning:
+    return next(c for c in callbacks if isinstance(c, SparseConnectivityLearning))
+
+
 def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     L.seed_everything(seed, workers=True)
     data = MNISTDataModule(
@@ -126,6 +137,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         seed=seed,
         train_subset=args.train_subset,
         max_shift=args.max_shift,
+        val_size=args.val_size,
     )
     options: dict[str, Any] = dict(
         lr=args.lr,
@@ -138,6 +150,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     if args.teacher is not None:
         teacher = ImageClassifier(args.model)
         teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
+        if args.teacher_activation == "elu":
+            swap_activations(teacher, alpha=1.0, quiet=True)
         model: ImageClassifier = DistilledClassifier(
             args.model, alpha=args.distill_alpha, temperature=args.distill_temperature, **options
         )
@@ -145,6 +159,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     else:
         model = ImageClassifier(args.model, **options)
     callbacks: list[L.Callback] = []
+    if args.activation == "elu":
+        callbacks.append(ELUSwap(alpha=1.0, verbose=False))
     if args.method == "scl":
         callbacks.append(
             SparseConnectivityLearning(
@@ -169,7 +185,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         if args.ste_slope is not None:
             # Set after construction: the constructor rejects a non-positive proxy slope, which is the point of
             # the ablation (showing that an invalid proxy fails).
-            callbacks[-1].ste_slope = args.ste_slope
+            scl_callback(callbacks).ste_slope = args.ste_slope
     elif args.method == "modelpruning":
         callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
     trainer = L.Trainer(
@@ -214,9 +230,9 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         }
         | (
             {
-                "fan_in_exponent": callbacks[0].fan_in_exponent,
-                "normalize_over": callbacks[0].normalize_over,
-                "exact_density": callbacks[0].exact_density,
+                "fan_in_exponent": scl_callback(callbacks).fan_in_exponent,
+                "normalize_over": scl_callback(callbacks).normalize_over,
+                "exact_density": scl_callback(callbacks).exact_density,
             }
             if args.method == "scl"
             else {}
@@ -262,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="distill from this dense state dict (--save-model)")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument(
+        "--teacher-activation", choices=["relu", "elu"], default="relu", help="the activation the teacher trained with"
+    )
     parser.add_argument("--save-model", type=Path, default=None, help="write the trained model's state dict here")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument(
@@ -269,6 +288,15 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         help="random translation of training images, pixels (0: none, as the papers)",
+    )
+    parser.add_argument(
+        "--activation", choices=["relu", "elu"], default="relu", help="elu: add the ELUSwap callback (alpha 1)"
+    )
+    parser.add_argument(
+        "--val-size",
+        type=int,
+        default=5000,
+        help="validation images carved from the 60k training images (0: train on all 60k, no validation accuracy)",
     )
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--data-dir", default="data")

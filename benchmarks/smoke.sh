@@ -17,4 +17,5 @@ done
 echo "-- benchmarks/mnist_pruning.py with distillation from a dense teacher"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense --save-model "$scratch/teacher.pt" > /dev/null
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --teacher "$scratch/teacher.pt" > /dev/null
+python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --activation elu --val-size 0 > /dev/null
 echo "benchmark smoke runs OK"

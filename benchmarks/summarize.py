@@ -96,6 +96,15 @@ def _add_once_per_seed(group: list[dict], run: dict) -> None:
         group.append(run)
 
 
+def _recipe_variant(run: dict) -> tuple[bool, str, bool]:
+    """What a run changed beyond the settings: trained on all 60k images, its activation, distilled from a teacher."""
+    cfg = run["config"]
+    return cfg.get("val_size", 5000) == 0, cfg.get("activation", "relu"), cfg.get("teacher") is not None
+
+
+PLAIN_RECIPE = (False, "relu", False)
+
+
 def _mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -123,12 +132,21 @@ def headline(runs: list[dict]) -> str:
                 for k, v in RECIPE.items()
                 if r["config"].get(k, v) != v and not (r["method"] == "dense" and k in ("ramp", "freeze"))
             )
-            key = (r["model"], r["method"] == "dense", shift, -(r["target_density"] or 1), changed, -r["epochs"])
+            variant = _recipe_variant(r)
+            key = (
+                r["model"],
+                r["method"] == "dense",
+                shift,
+                -(r["target_density"] or 1),
+                changed,
+                variant,
+                -r["epochs"],
+            )
             _add_once_per_seed(groups[key], r)
     for model in ("lenet300", "lenet5"):
         for name, err, kept in ANCHORS[model]:
             lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
-        for (m, dense, shift, _, changed, _), rs in sorted(groups.items()):
+        for (m, dense, shift, _, changed, (full_train, activation, distilled), _), rs in sorted(groups.items()):
             if m != model:
                 continue
             acc = [100 * r["test_acc"] for r in rs]
@@ -141,6 +159,12 @@ def headline(runs: list[dict]) -> str:
                 else ("yes" if statistics.mean(acc) >= goal_acc and max(dens) <= 100 * goal_density else "no")
             )
             method += "".join(f", {RECIPE_NAMES[k]} {v:g}" for k, v in changed)
+            if activation != "relu":
+                method += f", {activation.upper()}"
+            if distilled:
+                method += ", distilled from the dense network"
+            if full_train:
+                method += ", trained on all 60k images"
             if shift:
                 method += f", training images shifted up to {shift} px"
                 verdict += (", " if verdict else "") + "not comparable: the anchors used no augmentation"
@@ -183,7 +207,7 @@ def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = Fal
     # a side-by-side ModelPruning run is the same experiment (only more seeds): use it where no side-by-side SCL run
     # exists.
     def same_experiment(r: dict) -> tuple:
-        return r["model"], r["target_density"], r["epochs"], r["config"].get("max_shift", 0)
+        return r["model"], r["target_density"], r["epochs"], r["config"].get("max_shift", 0), _recipe_variant(r)
 
     compared = {same_experiment(r) for r in rows if r["method"] == "modelpruning"}
     have_scl = {same_experiment(r) for r in rows if r["method"] == "scl"}
@@ -268,7 +292,7 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
         if r["method"] == "modelpruning":
             return "ModelPruning" if r.get("tag") == "side_by_side" else None
         cfg = r["config"]
-        if cfg.get("normalize_over") != "network" or cfg.get("fan_in_exponent"):
+        if cfg.get("normalize_over") != "network" or cfg.get("fan_in_exponent") or _recipe_variant(r) != PLAIN_RECIPE:
             return None
         if r.get("tag") == "side_by_side" or (r.get("tag") == "headline" and cfg["regularizer"] == "connections"):
             return "SCL, connections"
@@ -457,9 +481,9 @@ def tuning(runs: list[dict]) -> str:
             key = (r["tag"][len("tune:") :], r["model"], r["target_density"] or 1.0, r["epochs"])
             _add_once_per_seed(groups[key], r)
     lines = [
-        "| setting | model | target density % | epochs | optimizer | lr | weight decay | label smoothing | batch "
-        "| ramp / freeze | layer floor | val acc % | test acc % | density % | seeds |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| setting | model | target density % | epochs | activation | optimizer | lr | weight decay | label smoothing "
+        "| batch | ramp / freeze | layer floor | val acc % | test acc % | density % | seeds |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
     for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
@@ -473,9 +497,9 @@ def tuning(runs: list[dict]) -> str:
         floor = "-" if dense else f"{cfg.get('min_density_per_layer', 0):g}"
         lines.append(
             f"| {name} | {NAMES[model]} | {'100 (dense)' if dense else f'{100 * target:g}'} | {epochs} | "
-            f"{cfg.get('optimizer', 'sgd')} | {cfg['lr']:g} | {cfg['weight_decay']:g} | "
-            f"{cfg.get('label_smoothing', 0.0):g} | {cfg['batch_size']} | {schedule} | {floor} | "
-            f"{val} | {test} | {dens} | {seeds} |"
+            f"{cfg.get('activation', 'relu')} | {cfg.get('optimizer', 'sgd')} | {cfg['lr']:g} | "
+            f"{cfg['weight_decay']:g} | {cfg.get('label_smoothing', 0.0):g} | {cfg['batch_size']} | {schedule} | "
+            f"{floor} | {val} | {test} | {dens} | {seeds} |"
         )
     return "\n".join(lines)
 
