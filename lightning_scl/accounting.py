@@ -1001,7 +1001,7 @@ class SparsityAccountant:
         for name, mask in plan.masks:
             value = given.get(name)
             if value is None:
-                value = (mask.mask > 0).sum() * mask.connections_per_variable
+                value = mask.kept_tensor()
             values.append(torch.as_tensor(value, device=plan.device))
         return torch.stack(values).to(torch.int64)
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from lightning_scl.masking import (
     ConnectivityMask,
+    _count_positive,
     count_connections,
     fold_state_dict,
     gate_values,
@@ -118,6 +119,18 @@ def test_statistic_is_non_finite_exactly_in_rows_with_a_non_finite_gradient(stat
     finite = torch.isfinite(mask_gradient_statistic(grad, 0, statistic))
     assert finite.tolist() == [True, True, False, True]
     assert not torch.isfinite(mask_gradient_statistic(grad, 0, statistic, per_feature=False)).all()
+
+
+@pytest.mark.parametrize("numel", [1000, 2**24 + 5])
+def test_kept_count_is_exact_on_both_summation_paths(numel):
+    # float32 sums of 0/1 are exact only below 2**24 entries; larger tensors must take the float64 path.
+    values = torch.full((numel,), 0.5)
+    values[:3] = -0.5
+    values[3] = 0.0  # the threshold itself is switched off
+    expected = numel - 4  # 2**24 + 1 for the large tensor: not representable in float32
+    count = _count_positive(values)
+    assert count.dtype == torch.int64
+    assert int(count) == expected == int((values > 0).sum())
 
 
 def test_normalization_keeps_zero_rows_zero_and_none_is_identity():

@@ -19,6 +19,7 @@ from lightning_scl.masking import (
     NORMALIZATIONS,
     STES,
     ConnectivityMask,
+    _count_positive,
     _inverse_statistic,
     _scale_rows_and_add_,
     gate_values,
@@ -748,7 +749,7 @@ class SparseConnectivityLearning(Callback):
             for mask in self._masks.values():
                 values = mask.mask.view(-1)
                 need = self._floor_size(mask)
-                if int((values > 0).sum()) >= need:
+                if int(_count_positive(values)) >= need:
                     continue
                 top = torch.topk(values, need).indices
                 values[top] = values[top].clamp_min(_REVIVED_MASK_VALUE)
