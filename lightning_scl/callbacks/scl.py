@@ -648,8 +648,8 @@ class SparseConnectivityLearning(Callback):
         for mask in masks:
             if mask.mask.grad is None:
                 mask.mask.grad = torch.zeros_like(mask.mask)
-        # One read per gradient gives its statistics (per unit or per layer); a NaN/inf makes one non-finite, so
-        # the same values are the non-finite check (one host sync for all layers).
+        # The gradients' statistics (per unit or per layer): a NaN/inf makes one non-finite, so the same values are
+        # the non-finite check (one host sync for all layers).
         per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
         stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
