@@ -2,8 +2,7 @@
 
 Every run trains ``ImageClassifier`` on ``MNISTDataModule`` (55k train / 5k validation carved from the training set,
 or all 60k with ``--val-size 0`` once settings are chosen; the 10k test set is only used for the final number, never
-for selection) with the same optimizer, schedule and
-epochs; only the pruning callback differs:
+for selection) with the same optimizer, schedule and epochs; only the pruning callback differs:
 
 - ``scl``: ``SparseConnectivityLearning(target_density=d, ...)``;
 - ``modelpruning``: ``lightning.pytorch.callbacks.ModelPruning`` global L1 unstructured over the same layers, cubic
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     if args.teacher is not None:
         teacher = ImageClassifier(args.model)
         teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
-        if args.teacher_activation == "elu":
+        if args.activation == "elu":  # the teacher was trained with the student's activation
             swap_activations(teacher, alpha=1.0, quiet=True)
         model: ImageClassifier = DistilledClassifier(
             args.model, alpha=args.distill_alpha, temperature=args.distill_temperature, **options
@@ -278,9 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="distill from this dense state dict (--save-model)")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
-    parser.add_argument(
-        "--teacher-activation", choices=["relu", "elu"], default="relu", help="the activation the teacher trained with"
-    )
     parser.add_argument("--save-model", type=Path, default=None, help="write the trained model's state dict here")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument(
@@ -290,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         help="random translation of training images, pixels (0: none, as the papers)",
     )
     parser.add_argument(
-        "--activation", choices=["relu", "elu"], default="relu", help="elu: add the ELUSwap callback (alpha 1)"
+        "--activation",
+        choices=["relu", "elu"],
+        default="relu",
+        help="elu: add the ELUSwap callback (alpha 1); a --teacher must have been trained with the same",
     )
     parser.add_argument(
         "--val-size",
