@@ -149,6 +149,7 @@ def headline(runs: list[dict]) -> str:
         for (m, dense, shift, _, changed, (full_train, activation, distilled), _), rs in sorted(groups.items()):
             if m != model:
                 continue
+            rs = sorted(rs, key=lambda r: r["seed"])
             acc = [100 * r["test_acc"] for r in rs]
             dens = [100 * r["density"] for r in rs]
             goal_acc, goal_density = TARGETS[model]
