@@ -171,6 +171,8 @@ def headline(runs: list[dict]) -> str:
                 verdict += (", " if verdict else "") + "not comparable: the anchors used no augmentation"
             elif verdict:
                 verdict += f" (target >= {goal_acc}% at <= {100 * goal_density:.1f}%)"
+            if distilled and not dense:
+                verdict += "; the anchors used no teacher"
             lines.append(
                 f"| {NAMES[model]} | {method} | {_mean_std([100 - a for a in acc])} | {_mean_std(dens)} | "
                 f"{', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {verdict} |"
