@@ -73,7 +73,7 @@ def gate_values(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``H(mask)`` as 0/1 values of ``dtype``, in the mask's shape, written by the comparison itself.
 
     Multiplying by this gate is a plain vectorized product; ``where`` on a bool gate, which gives the same values,
-    measured 4-27x slower on CPU for the benchmark networks' layers (``benchmarks/mask_ops.py``).
+    measured about 5-30x slower on CPU for the benchmark networks' layers (``benchmarks/mask_ops.py``).
 
     Example:
         >>> gate_values(torch.tensor([-1.0, 0.0, 2.0, float("nan")]), torch.float32)
