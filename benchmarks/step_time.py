@@ -5,19 +5,21 @@ One process, methods interleaved round by round, many steps per round; the first
 normalization/regularizer/mask update (in ``on_before_optimizer_step``) and the optimizer step, i.e. everything SCL
 adds. Logging is on (``log_every_n_steps=50``) so the metric logging the SCL callback does is counted too.
 
-"scl" trains the masks at every timed step (never frozen); "scl_frozen" freezes them during the warm-up, which is
-what the default ``freeze_masks_at=0.7`` does for the last 30% of a run. The summary line weights the two medians
-0.7 / 0.3: the cost of a default run (derived, not timed as such).
+"scl" trains the masks at every timed step (never frozen) with ``target_density``, as the recipes do, so the density
+controller counts the kept connections at every step; "scl_frozen" freezes them during the warm-up, which is what the
+default ``freeze_masks_at=0.7`` does for the last 30% of a run. Two bracketing callbacks also time SCL's own hooks
+(the mask update and the protected-weight restore): a steadier number than a ratio of step times. The summary line
+weights the two medians 0.7 / 0.3: the cost of a default run (derived, not timed as such).
 
 "modelpruning" installs ``torch.nn.utils.prune`` global L1 masks (the forward-pre-hooks Lightning's ModelPruning
 uses) before the fit, so every timed step pays their steady-state cost.
 
-Usage::
-
-    python benchmarks/step_time.py                 # LeNet-5 (MNIST shape) and ResNet-20 (CIFAR shape), batch 128
-
 Besides the pooled medians, every round's own ratio to dense is reported (min-max over rounds): a round times all
 methods back to back, so its ratio is free of the drift between rounds that a shared machine shows.
+
+Usage::
+
+    python benchmarks/step_time.py --rounds 12     # LeNet-5 (MNIST shape) and ResNet-20 (CIFAR shape), batch 128
     python benchmarks/step_time.py --smoke         # CI: 2 rounds of 3 steps, writes nothing
 """
 
