@@ -8,7 +8,7 @@ input connection and one kept output connection. A kept connection that leaves a
 Usage::
 
     python benchmarks/mnist_pruning.py --model lenet300 --method scl --density 0.015 --epochs 20 --seeds 0 \\
-        --threads 1 --tag probe --save-model scl_lenet300.pt --out /tmp/probe.jsonl
+        --threads 1 --tag probe --save-model scl_lenet300.pt --out probe.jsonl
     python benchmarks/mask_structure.py scl_lenet300.pt --out benchmarks/results/mask_structure_lenet300.md
     python benchmarks/mask_structure.py --smoke     # CI: a random two-layer mask, writes nothing
 """
