@@ -124,10 +124,6 @@ def layer_densities(model: nn.Module) -> dict[str, float]:
     }
 
 
-def scl_callback(callbacks: list[L.Callback]) -> SparseConnectivityLearning:
-    return next(c for c in callbacks if isinstance(c, SparseConnectivityLearning))
-
-
 def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     L.seed_everything(seed, workers=True)
     data = MNISTDataModule(
@@ -160,9 +156,10 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     callbacks: list[L.Callback] = []
     if args.activation == "elu":
         callbacks.append(ELUSwap(alpha=1.0, verbose=False))
+    scl: SparseConnectivityLearning | None = None
     if args.method == "scl":
         callbacks.append(
-            SparseConnectivityLearning(
+            scl := SparseConnectivityLearning(
                 lam=args.lam,
                 target_density=None if args.lam is not None else args.density,
                 ramp_end=args.ramp,
@@ -184,7 +181,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         if args.ste_slope is not None:
             # Set after construction: the constructor rejects a non-positive proxy slope, which is the point of
             # the ablation (showing that an invalid proxy fails).
-            scl_callback(callbacks).ste_slope = args.ste_slope
+            scl.ste_slope = args.ste_slope
     elif args.method == "modelpruning":
         callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
     trainer = L.Trainer(
@@ -229,11 +226,11 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         }
         | (
             {
-                "fan_in_exponent": scl_callback(callbacks).fan_in_exponent,
-                "normalize_over": scl_callback(callbacks).normalize_over,
-                "exact_density": scl_callback(callbacks).exact_density,
+                "fan_in_exponent": scl.fan_in_exponent,
+                "normalize_over": scl.normalize_over,
+                "exact_density": scl.exact_density,
             }
-            if args.method == "scl"
+            if scl is not None
             else {}
         ),
         "torch": torch.__version__,
