@@ -267,3 +267,83 @@ def test_strip_masks_on_a_deepcopy_leaves_the_original_intact():
     x = torch.randn(2, 3)
     assert torch.equal(net(x), clone(x))
     assert type(clone[0]) is nn.Linear
+
+
+def _forward_gate(net: nn.Linear) -> torch.Tensor:
+    """The 0/1 pattern the masked forward pass applies: zero weights read as switched off."""
+    with torch.no_grad():
+        return (net.weight != 0).float()
+
+
+def test_cached_gate_follows_every_visible_change_of_the_mask():
+    torch.manual_seed(0)
+    net = nn.Linear(6, 4)
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(4, 6).abs() + 0.1)  # no zero weights: a zero in the output means "masked"
+    mask = inject_masks(net, layers=[("", net)])[""]
+    first = mask.gate_values(torch.float32)
+    assert mask.gate_values(torch.float32) is first  # computed once per mask state
+    assert mask.gate_values(torch.float64).dtype == torch.float64  # another dtype is not served from the cache
+
+    with torch.no_grad():
+        mask.mask[0, :3] = -1.0  # in-place write
+    assert torch.equal(_forward_gate(net), (mask.mask > 0).float()) and int(mask.kept_tensor()) == 21
+
+    # a fused CPU optimizer writes without bumping the version; the callback bumps it (increment_version)
+    mask.mask.grad = torch.ones_like(mask.mask)
+    torch.optim.SGD([mask.mask], lr=3.0, fused=True).step()
+    torch.autograd.graph.increment_version(mask.mask)
+    assert not (mask.mask > 0).any() and int(mask.kept_tensor()) == 0 and not _forward_gate(net).any()
+
+    net.load_state_dict({**net.state_dict(), "parametrizations.weight.0.mask": torch.ones(4, 6)})
+    assert _forward_gate(net).all() and int(mask.kept_tensor()) == 24
+
+    mask.mask.data = -torch.ones(4, 6)  # new storage
+    assert not _forward_gate(net).any()
+
+    # a write torch cannot see is served stale until forget_gate, as the class documents
+    mask.mask.data.fill_(1.0)
+    assert not _forward_gate(net).any()
+    mask.forget_gate()
+    assert _forward_gate(net).all() and mask.kept() == 24
+
+
+def test_copies_and_pickles_drop_the_cached_gate():
+    import copy
+    import pickle
+
+    net = nn.Linear(3, 2)
+    mask = inject_masks(net, layers=[("", net)])[""]
+    mask.gate_values(torch.float32)
+    assert mask._gate_cache is not None
+    clone = copy.deepcopy(net)  # torch refuses to pickle a parametrized module; the mask alone pickles
+    for clone_mask in (clone.parametrizations.weight[0], pickle.loads(pickle.dumps(mask))):
+        assert clone_mask._gate_cache is None
+        with torch.no_grad():
+            clone_mask.mask.fill_(-1.0)
+        assert not clone_mask(torch.ones(2, 3)).any()  # each copy gates with its own mask
+    assert not clone.weight.any() and net.weight.all()
+    state = mask.__dict__.copy()
+    del state["_gate_cache"]  # a module pickled before the cache existed
+    old = ConnectivityMask.__new__(ConnectivityMask)
+    old.__setstate__(state)
+    assert old.gate_values(torch.float32).shape == (2, 3)
+
+
+def test_gradients_flow_through_a_cached_gate_and_a_retained_graph_sees_mask_updates():
+    torch.manual_seed(1)
+    net = nn.Linear(5, 3)
+    mask = inject_masks(net, layers=[("", net)])[""]
+    x = torch.randn(8, 5)
+    for _ in range(2):  # the second pass reuses the first pass's gate
+        net.weight.grad = None
+        mask.mask.grad = None
+        net(x).sum().backward()
+    expected = torch.ones(8, 3).t() @ x  # dL/dW_eff of sum(x W^T + b)
+    torch.testing.assert_close(mask.mask.grad, expected * net.parametrizations.weight.original.detach())
+    out = net(x).sum()
+    with torch.no_grad():
+        mask.mask[0, 0] = -1.0
+    # the graph saved the mask and its gate; changing the mask before backward must fail loudly, not mix states
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

@@ -367,6 +367,31 @@ def test_weights_with_mask_off_do_not_affect_output():
     torch.testing.assert_close(model(x), before)
 
 
+def test_every_forward_gates_with_the_masks_as_they_are_now():
+    # The masks cache their 0/1 gate per state; the CPU mask optimizer is fused, and its writes are invisible to
+    # the version counter the cache keys on unless the callback bumps it. A stale gate would show up here.
+    class GateCheck(Callback):
+        steps_checked = 0
+        counts: list[int] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            for name, mask in scl.masks.items():
+                layer = pl_module.get_submodule(name)
+                original = layer.parametrizations.weight.original
+                assert torch.equal(layer.weight, torch.where(mask.mask > 0, original, 0.0)), (name, batch_idx)
+                assert int(mask.kept_tensor()) == int((mask.mask > 0).sum())
+            self.counts.append(sum(int((m.mask > 0).sum()) for m in scl.masks.values()))
+            self.steps_checked += 1
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=2.0, mask_lr=0.2, freeze_masks_at=None)
+    check = GateCheck()
+    fit(MLP(), [scl, check], max_epochs=2)
+    assert scl._fused_mask_optimizer
+    assert check.steps_checked > 5
+    assert len(set(check.counts)) > 3  # the masks kept changing while they were checked
+
+
 def test_idempotent_setup_across_fit_validate_test_predict():
     torch.manual_seed(0)
     model = MLP()

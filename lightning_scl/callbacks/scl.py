@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.autograd.graph import increment_version
 
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
@@ -22,7 +23,6 @@ from lightning_scl.masking import (
     _count_positive,
     _inverse_statistic,
     _scale_rows_and_add_,
-    gate_values,
     inject_masks,
     iter_masks,
     mask_gradient_statistic,
@@ -633,7 +633,7 @@ class SparseConnectivityLearning(Callback):
         step = trainer.global_step
         log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
         if self._frozen:
-            self._mask_optimizer.zero_grad(set_to_none=True)
+            self._drop_mask_gradients()
             if log_now:  # the metrics stay on the logger's timeline after the freeze
                 kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
                 self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module))
@@ -663,7 +663,7 @@ class SparseConnectivityLearning(Callback):
                     "SparseConnectivityLearning: non-finite mask gradients; skipped the mask update for this step "
                     "(masks and lambda unchanged). Further skips are counted in `steps_skipped_nonfinite`."
                 )
-            self._mask_optimizer.zero_grad(set_to_none=True)
+            self._drop_mask_gradients()
             return
 
         kept_by_layer: dict[str, torch.Tensor] = {}
@@ -688,7 +688,10 @@ class SparseConnectivityLearning(Callback):
                 proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
                 grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
         self._mask_optimizer.step()
-        self._mask_optimizer.zero_grad(set_to_none=True)
+        # The fused CPU kernel writes the masks without bumping their version counters: bump them, so autograd's
+        # saved-tensor checks and the masks' cached gates (keyed on the version) see the change.
+        increment_version([mask.mask for mask in masks])
+        self._drop_mask_gradients()
 
         if self.min_density_per_layer > 0:
             self._apply_density_floor()
@@ -696,6 +699,11 @@ class SparseConnectivityLearning(Callback):
             self._snapshot_pruned_weights(trainer)
         if log_now:
             self._log_counts(pl_module, step, kept_by_layer, scales)
+
+    def _drop_mask_gradients(self) -> None:
+        # what the mask optimizer's zero_grad(set_to_none=True) does, without its per-call profiling overhead
+        for mask in self._masks.values():
+            mask.mask.grad = None
 
     def _kept_and_density(self, kept_by_layer: dict[str, torch.Tensor]) -> tuple[float, float]:
         kept = float(torch.stack(list(kept_by_layer.values())).sum())  # one host sync for all layers
@@ -831,8 +839,8 @@ class SparseConnectivityLearning(Callback):
         with torch.no_grad():
             for original, before, mask in self._weight_snapshot:
                 # lerp with a 0/1 weight is exact (``before`` at 0, ``original`` at 1) and, unlike where() on a
-                # bool gate, a fast vectorized pass on CPU
-                torch.lerp(before, original, gate_values(mask.mask.detach(), original.dtype), out=original)
+                # bool gate, a fast vectorized pass on CPU; the mask keeps this gate for the next forward pass
+                torch.lerp(before, original, mask.gate_values(original.dtype), out=original)
         self._weight_snapshot = None
 
     # ------------------------------------------------------------------ logging
