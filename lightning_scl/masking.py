@@ -192,7 +192,7 @@ class ConnectivityMask(nn.Module):
         slope: proxy slope below the threshold for ``ste="leaky_relu"``.
 
     The 0/1 gate ``H(m)`` is computed once per state of the mask and reused (forward passes, counts, the callback's
-    weight protection) until the mask changes. A change is seen through torch's version counter, which every
+    weight protection) until the mask changes; it takes one tensor of the weight's size and dtype. A change is seen through torch's version counter, which every
     in-place tensor operation and ``load_state_dict`` bump, and through the storage address, which ``.to()`` and
     ``.data = ...`` change. Writes that bypass both (``mask.data.copy_(...)``, a NumPy view) must be followed by
     :meth:`forget_gate`.
@@ -274,10 +274,12 @@ class ConnectivityMask(nn.Module):
 
         Example:
             >>> p = ConnectivityMask((2,), init=1.0)
+            >>> p.gate_values(torch.float32)
+            tensor([1., 1.])
             >>> p.mask.data.numpy()[0] = -1.0  # invisible to torch's version counter
             >>> p.forget_gate()
-            >>> p.kept()
-            1
+            >>> p.gate_values(torch.float32)
+            tensor([0., 1.])
         """
         self._gate_cache = None
 
