@@ -54,8 +54,24 @@ ANCHORS = {
     ],
 }
 # The training recipe shared by the MNIST runs (mnist_pruning.py's defaults); a headline row names what it changes.
-RECIPE = {"lr": 0.05, "weight_decay": 5e-4, "batch_size": 128, "ramp": 0.6, "freeze": 0.7}
-RECIPE_NAMES = {"lr": "lr", "weight_decay": "weight decay", "batch_size": "batch", "ramp": "ramp", "freeze": "freeze"}
+RECIPE = {
+    "lr": 0.05,
+    "weight_decay": 5e-4,
+    "batch_size": 128,
+    "ramp": 0.6,
+    "freeze": 0.7,
+    "distill_alpha": 0.5,  # recorded by every run; only matters with a teacher
+    "distill_temperature": 4.0,
+}
+RECIPE_NAMES = {
+    "lr": "lr",
+    "weight_decay": "weight decay",
+    "batch_size": "batch",
+    "ramp": "ramp",
+    "freeze": "freeze",
+    "distill_alpha": "distillation weight",
+    "distill_temperature": "distillation temperature",
+}
 TARGETS = {"lenet300": (98.2, 0.015), "lenet5": (99.2, 0.004)}
 NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 METHOD_NAMES = {"scl": "SCL", "modelpruning": "ModelPruning"}
@@ -485,8 +501,8 @@ def tuning(runs: list[dict]) -> str:
             _add_once_per_seed(groups[key], r)
     lines = [
         "| setting | model | target density % | epochs | activation | optimizer | lr | weight decay | label smoothing "
-        "| batch | ramp / freeze | layer floor | val acc % | test acc % | density % | seeds |",
-        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| batch | ramp / freeze | layer floor | teacher: weight / T | val acc % | test acc % | density % | seeds |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
     ]
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
     for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
@@ -498,11 +514,12 @@ def tuning(runs: list[dict]) -> str:
         dense = rs[0]["method"] == "dense"
         schedule = "-" if dense else f"{cfg['ramp']:g} / {cfg.get('freeze')}"
         floor = "-" if dense else f"{cfg.get('min_density_per_layer', 0):g}"
+        teacher = f"{cfg['distill_alpha']:g} / {cfg['distill_temperature']:g}" if cfg.get("teacher") else "-"
         lines.append(
             f"| {name} | {NAMES[model]} | {'100 (dense)' if dense else f'{100 * target:g}'} | {epochs} | "
             f"{cfg.get('activation', 'relu')} | {cfg.get('optimizer', 'sgd')} | {cfg['lr']:g} | "
             f"{cfg['weight_decay']:g} | {cfg.get('label_smoothing', 0.0):g} | {cfg['batch_size']} | {schedule} | "
-            f"{floor} | {val} | {test} | {dens} | {seeds} |"
+            f"{floor} | {teacher} | {val} | {test} | {dens} | {seeds} |"
         )
     return "\n".join(lines)
 
