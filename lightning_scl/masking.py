@@ -192,10 +192,10 @@ class ConnectivityMask(nn.Module):
         slope: proxy slope below the threshold for ``ste="leaky_relu"``.
 
     The 0/1 gate ``H(m)`` is computed once per state of the mask and reused (forward passes, counts, the callback's
-    weight protection) until the mask changes; it takes one tensor of the weight's size and dtype. A change is seen through torch's version counter, which every
-    in-place tensor operation and ``load_state_dict`` bump, and through the storage address, which ``.to()`` and
-    ``.data = ...`` change. Writes that bypass both (``mask.data.copy_(...)``, a NumPy view) must be followed by
-    :meth:`forget_gate`.
+    weight protection) until the mask changes; it takes one tensor of the weight's size and dtype. A change is seen
+    through torch's version counter, which every in-place tensor operation and ``load_state_dict`` bump, and through
+    the storage address, which ``.to()`` and ``.data = ...`` change. Writes that bypass both
+    (``mask.data.copy_(...)``, a NumPy view) must be followed by :meth:`forget_gate`.
 
     Example:
         >>> p = ConnectivityMask((3, 4), init=0.5)
