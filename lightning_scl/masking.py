@@ -265,7 +265,9 @@ class ConnectivityMask(nn.Module):
         if gate is None or gate.dtype != dtype:
             # a new tensor every time, never an in-place refresh: autograd may hold the previous one for a backward
             gate = gate_values(self.mask.detach(), dtype)
-            state = self._mask_state()
+            # A gate made under inference_mode (Lightning's validate/test loops) is an inference tensor, which a
+            # later forward with autograd on may not save for backward: serve it, but do not keep it.
+            state = None if gate.is_inference() else self._mask_state()
             self._gate_cache = None if state is None else (state, gate)
         return gate
 

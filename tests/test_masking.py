@@ -347,3 +347,19 @@ def test_gradients_flow_through_a_cached_gate_and_a_retained_graph_sees_mask_upd
     # the graph saved the mask and its gate; changing the mask before backward must fail loudly, not mix states
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+def test_a_gate_made_under_inference_mode_is_not_kept_for_training():
+    # Lightning validates and tests under torch.inference_mode; the next training forward must still backpropagate.
+    net = nn.Linear(4, 3)
+    mask = inject_masks(net, layers=[("", net)])[""]
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        mask.mask[0, 0] = -1.0  # the mask changed (a training step): the next forward makes a new gate
+    with torch.inference_mode():
+        evaluated = net(x)
+    assert mask._cached_gate() is None
+    net(x).sum().backward()
+    assert mask.mask.grad is not None and torch.equal(net(x).detach(), evaluated)
+    with torch.inference_mode():  # a kept (normal) gate serves inference passes
+        assert net(x).shape == (2, 3) and mask._gate_cache is not None

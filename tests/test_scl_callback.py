@@ -392,6 +392,24 @@ def test_every_forward_gates_with_the_masks_as_they_are_now():
     assert len(set(check.counts)) > 3  # the masks kept changing while they were checked
 
 
+def test_training_after_testing_a_reloaded_checkpoint(tmp_path):
+    # trainer.test reloads the checkpoint (a new mask state) and runs under inference_mode; whatever gate that makes
+    # must not reach a later forward with autograd on, nor a second fit.
+    torch.manual_seed(0)
+    model = MLP()
+    scl = SparseConnectivityLearning(lam=1.0, mask_lr=0.1)
+    trainer = fit(model, [scl], max_epochs=1)
+    path = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(path)
+    trainer.test(model, loader(), ckpt_path=path, verbose=False)
+    layer = next(iter(scl.masks))
+    model.get_submodule(layer).weight.sum().backward()  # autograd on, outside any loop
+    fit(model, [SparseConnectivityLearning(lam=1.0, mask_lr=0.1)], max_epochs=1)
+    for name, mask in scl.masks.items():
+        original = model.get_submodule(name).parametrizations.weight.original
+        assert torch.equal(model.get_submodule(name).weight, torch.where(mask.mask > 0, original, 0.0))
+
+
 def test_idempotent_setup_across_fit_validate_test_predict():
     torch.manual_seed(0)
     model = MLP()
