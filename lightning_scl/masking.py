@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -194,7 +195,8 @@ class ConnectivityMask(nn.Module):
     The 0/1 gate ``H(m)`` is computed once per state of the mask and reused (forward passes, counts, the callback's
     weight protection) until the mask changes; it takes one tensor of the weight's size and dtype. A change is seen
     through torch's version counter, which every in-place tensor operation and ``load_state_dict`` bump, and through
-    the storage address, which ``.to()`` and ``.data = ...`` change. Writes that bypass both
+    the storage address, which ``.to()`` and ``.data = ...`` change, and only for the mask tensor it was made from
+    (``torch.func.functional_call`` swaps in another). Writes that bypass both
     (``mask.data.copy_(...)``, a NumPy view) must be followed by :meth:`forget_gate`.
 
     Example:
@@ -229,7 +231,7 @@ class ConnectivityMask(nn.Module):
         else:
             mask_shape = tuple(n if d == feature_dim else 1 for d, n in enumerate(weight_shape))
         self.mask = nn.Parameter(torch.full(mask_shape, float(init), dtype=torch.float32, device=device))
-        self._gate_cache: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
+        self._gate_cache: tuple[weakref.ref, tuple[int, int, torch.device], torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _MaskedWeight.apply(weight, self.mask, self.gate_values(weight.dtype), self.ste, self.slope)
@@ -244,8 +246,10 @@ class ConnectivityMask(nn.Module):
         cached = self._gate_cache
         if cached is None:
             return None
-        state = self._mask_state()
-        return cached[1] if state is not None and cached[0] == state else None
+        owner, state, gate = cached
+        # The tensor itself must be the one the gate was made from: a tensor swapped in for one pass
+        # (torch.func.functional_call) and freed could leave a new one at its address with the same version.
+        return gate if owner() is self.mask and state == self._mask_state() else None
 
     def gate_values(self, dtype: torch.dtype) -> torch.Tensor:
         """``H(m)`` as 0/1 values of ``dtype`` (see :func:`gate_values`), computed once per state of the mask.
@@ -268,7 +272,7 @@ class ConnectivityMask(nn.Module):
             # A gate made under inference_mode (Lightning's validate/test loops) is an inference tensor, which a
             # later forward with autograd on may not save for backward: serve it, but do not keep it.
             state = None if gate.is_inference() else self._mask_state()
-            self._gate_cache = None if state is None else (state, gate)
+            self._gate_cache = None if state is None else (weakref.ref(self.mask), state, gate)
         return gate
 
     def forget_gate(self) -> None:

@@ -363,3 +363,20 @@ def test_a_gate_made_under_inference_mode_is_not_kept_for_training():
     assert mask.mask.grad is not None and torch.equal(net(x).detach(), evaluated)
     with torch.inference_mode():  # a kept (normal) gate serves inference passes
         assert net(x).shape == (2, 3) and mask._gate_cache is not None
+
+
+def test_functional_call_with_other_masks_gates_with_those_masks():
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    mask = inject_masks(net, layers=[("", net)])[""]
+    original = net.parametrizations.weight.original
+    x = torch.randn(2, 4)
+    kept_before = mask.kept()
+    for sign in (1.0, -1.0, 1.0, -1.0):  # fresh tensors, freed after each pass: addresses may repeat
+        other = torch.full((3, 4), sign)
+        out = functional_call(net, {"parametrizations.weight.0.mask": other}, (x,))
+        torch.testing.assert_close(out, x @ torch.where(other > 0, original, 0.0).t() + net.bias)
+        del other
+    assert mask.kept() == kept_before and torch.equal(net.weight, original)
