@@ -392,6 +392,25 @@ def test_every_forward_gates_with_the_masks_as_they_are_now():
     assert len(set(check.counts)) > 3  # the masks kept changing while they were checked
 
 
+def test_frozen_steps_reuse_one_gate_and_mask_training_steps_make_one_per_step():
+    class GateSeen(Callback):
+        seen: list[tuple[bool, int]] = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            gate = next(iter(scl.masks.values()))._cached_gate()
+            assert gate is not None  # the gate this step's forward pass used
+            self.seen.append((scl.frozen, gate))
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=1.0, mask_lr=0.1, freeze_masks_at=0.5)
+    seen = GateSeen()
+    fit(MLP(), [scl, seen], max_epochs=2)
+    frozen = [gate for is_frozen, gate in seen.seen if is_frozen]
+    training = [gate for is_frozen, gate in seen.seen if not is_frozen]
+    assert len(frozen) > 3 and all(gate is frozen[0] for gate in frozen)  # never recomputed after the freeze
+    assert len(training) > 3 and len({id(gate) for gate in training}) == len(training)  # one per mask update
+
+
 def test_training_after_testing_a_reloaded_checkpoint(tmp_path):
     # trainer.test reloads the checkpoint (a new mask state) and runs under inference_mode; whatever gate that makes
     # must not reach a later forward with autograd on, nor a second fit.
