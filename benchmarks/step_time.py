@@ -288,10 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = {name: (args.turns or TURNS[name][0], args.turn_steps or TURNS[name][1]) for name in args.models}
     for model_name in args.models:
         total_turns, turn_steps = plan[model_name]
-        times: dict[str, list[float]] = {m: [] for m in methods}
         hooks: dict[str, list[float]] = {m: [] for m in methods}
-        cycles: dict[str, list[float]] = {m: [] for m in methods}
-        cycle_steps: dict[str, list[list[list[float]]]] = {m: [] for m in methods}
+        cycle_steps: dict[str, list[list[list[float]]]] = {m: [] for m in methods}  # [repeat][cycle] -> step times
         for repeat in range(args.repeats):
             # the six cyclic orders of the four methods in turn: each method follows each other one equally often
             order = [methods[0], *list(itertools.permutations(methods[1:]))[repeat % 6]]
@@ -300,14 +298,18 @@ def main(argv: list[str] | None = None) -> None:
                 method: {turn: [t for c, t in timed if c == turn] for turn in range(1, total_turns)}
                 for method, (timed, _) in fits.items()
             }
-            for method, (timed, hook_times) in fits.items():
-                times[method] += [t for _, t in timed]
+            for method, (_, hook_times) in fits.items():
                 hooks[method] += hook_times
-                cycles[method] += [
-                    statistics.median(by_turn[method][turn]) / statistics.median(by_turn["dense"][turn])
-                    for turn in range(1, total_turns)
-                ]
                 cycle_steps[method].append([by_turn[method][turn] for turn in range(1, total_turns)])
+        every_cycle = {m: [cycle for repeat in cycle_steps[m] for cycle in repeat] for m in methods}
+        times = {m: [t for cycle in every_cycle[m] for t in cycle] for m in methods}
+        cycles = {
+            m: [
+                statistics.median(mine) / statistics.median(base)
+                for mine, base in zip(every_cycle[m], every_cycle["dense"])
+            ]
+            for m in methods
+        }
         dense = statistics.median(times["dense"])
         intervals = bootstrap_intervals(cycle_steps)
         results[model_name] = {

@@ -394,7 +394,7 @@ def test_every_forward_gates_with_the_masks_as_they_are_now():
 
 def test_frozen_steps_reuse_one_gate_and_mask_training_steps_make_one_per_step():
     class GateSeen(Callback):
-        seen: list[tuple[bool, int]] = []
+        seen: list[tuple[bool, torch.Tensor]] = []
 
         def on_before_backward(self, trainer, pl_module, loss):
             gate = next(iter(scl.masks.values()))._cached_gate()
