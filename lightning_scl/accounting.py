@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_scl.export import _load_checkpoint_file, _rebuild_from_checkpoint
-from lightning_scl.masking import ConnectivityMask, iter_masks
+from lightning_scl.masking import ConnectivityMask, eager_forward, iter_masks
 
 __all__ = [
     "FLOPS_UNIT",
@@ -113,11 +113,12 @@ def _to(example: Any, device: torch.device) -> Any:
 
 @contextlib.contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no batch-norm statistics update, no dropout) and no autograd; every module's mode restored."""
+    """Eval mode (no batch-norm statistics update, no dropout), no autograd, and the eager ``forward`` of a model
+    Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eager_forward(model):
             yield
     finally:
         for m, training in modes:
@@ -825,12 +826,23 @@ class SparsityAccountant:
             >>> acc.example_input.shape
             torch.Size([1, 2])
         """
-        if self._example is not None or example_input is None:
+        if self._example is not None or example_input is None or self._counted:
             return False
         self._example = _one_sample(example_input)
         self._reason = None
         self._plan = None
         return True
+
+    def skip_flops(self, reason: str) -> None:
+        """Count no FLOPs (the model must not be run), and say why wherever FLOPs are asked for.
+
+        Example:
+            >>> acc = SparsityAccountant(nn.Linear(2, 2))
+            >>> acc.skip_flops("no forward allowed")
+            >>> acc.has_flops, acc.flops_unavailable_reason
+            (False, 'no forward allowed')
+        """
+        self._counted, self._dense, self._total_dense, self._reason = True, None, None, reason
 
     def _count(self) -> None:
         """Dense MACs by fvcore, once."""
@@ -877,7 +889,7 @@ class SparsityAccountant:
 
     @flops_unavailable_reason.setter
     def flops_unavailable_reason(self, reason: str) -> None:
-        if self._example is None:  # a caller explains why it has no input to give
+        if self._example is None and not self._counted:  # a caller explains why it has no input to give
             self._reason = reason
 
     def dense_macs_by_layer(self) -> dict[str, int] | None:

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_scl.masking import ConnectivityMask, fold_state_dict, has_masks, inject_masks
+from lightning_scl.masking import ConnectivityMask, eager_forward, fold_state_dict, has_masks, inject_masks
 
 __all__ = [
     "FORMATS",
@@ -942,6 +942,11 @@ def shrink_model(
         >>> torch.allclose(small(torch.ones(1, 4)), net.eval()(torch.ones(1, 4)), atol=1e-6)
         True
     """
+    with eager_forward(model) as module:  # a compiled model: its own layers, run eagerly (no recompiles per shape)
+        return _shrink(module, example_input, check)
+
+
+def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -> tuple[nn.Module, dict[str, Any]]:
     inputs = _example_inputs(model, example_input, "shrink_model")
     was_training = model.training
     work = plain_copy(model) if has_masks(model) else _detached_deepcopy(model)
@@ -1161,6 +1166,21 @@ def export_pruned(
         >>> small < dense / 4
         True
     """
+    if isinstance(model_or_checkpoint, nn.Module):
+        # torch.compile's wrapper would prefix every key with "_orig_mod."; export the module it wraps, run eagerly
+        with eager_forward(model_or_checkpoint) as module:
+            return _export(module, path, format, model_class, example_input, dtype)
+    return _export(model_or_checkpoint, path, format, model_class, example_input, dtype)
+
+
+def _export(
+    model_or_checkpoint: nn.Module | str | os.PathLike | Mapping[str, Any],
+    path: str | os.PathLike,
+    format: str,
+    model_class: type[nn.Module] | nn.Module | Callable[[], nn.Module] | None,
+    example_input: ExampleInput | None,
+    dtype: str | torch.dtype | None,
+) -> Path:
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; choose one of {list(FORMATS)}")
     path = Path(path)

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import weakref
@@ -50,6 +51,7 @@ __all__ = [
     "STES",
     "ConnectivityMask",
     "count_connections",
+    "eager_forward",
     "fold_state_dict",
     "gate_values",
     "has_masks",
@@ -354,6 +356,36 @@ def iter_masks(module: nn.Module, unique: bool = True) -> Iterator[tuple[str, nn
         if mask is not None and not (unique and id(mask) in seen):
             seen.add(id(mask))
             yield name, sub, mask
+
+
+@contextlib.contextmanager
+def eager_forward(module: nn.Module) -> Iterator[nn.Module]:
+    """The module behind ``torch.compile``, running its eager ``forward`` inside the block.
+
+    ``torch.compile(model)`` returns a wrapper whose ``state_dict`` keys gain an ``_orig_mod.`` prefix; once
+    Lightning has trained it, the module's own ``forward`` is the compiled one too. Inspecting or exporting through
+    either would trace a compiled function (which fvcore and ``torch.jit`` refuse) or compile again for every new
+    input shape. This yields the wrapped module with its original ``forward`` restored for the block.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> with eager_forward(torch.compile(net)) as inner:
+        ...     inner is net
+        True
+    """
+    module = module._orig_mod if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
+    original = (getattr(module, "_compiler_ctx", None) or {}).get("original_forward")  # set by Lightning's fit
+    compiled = module.__dict__.get("forward") if original is not None else None
+    if compiled is None:
+        yield module
+        return
+    del module.forward
+    if getattr(original, "__func__", None) is not getattr(type(module), "forward", None):
+        module.forward = original  # a forward the user had set on the instance before compiling
+    try:
+        yield module
+    finally:
+        module.forward = compiled
 
 
 def has_masks(module: nn.Module) -> bool:

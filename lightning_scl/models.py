@@ -482,17 +482,23 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.training_loss(logits, batch)
-        self.train_acc.update(logits.detach(), y)
+        self._update_metric(self.train_acc, logits.detach(), y)
         # epoch means under plain names (on_step and on_epoch together would log "_step"/"_epoch" variants)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    @torch.compiler.disable
+    def _update_metric(self, metric: MulticlassAccuracy, logits: torch.Tensor, y: torch.Tensor) -> None:
+        # torchmetrics counts updates in a Python int on the module, which torch.compile guards on: compiled, every
+        # step would recompile the step (until dynamo gives up and falls back to eager)
+        metric.update(logits, y)
+
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        metric.update(logits, y)
+        self._update_metric(metric, logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
