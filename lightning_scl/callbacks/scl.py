@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from lightning_scl.masking import (
 )
 from lightning_scl.targets import DEFAULT_LAYER_TYPES, resolve_layer_types, select_layers, validate_patterns
 
-__all__ = ["REGULARIZERS", "SparseConnectivityLearning"]
+__all__ = ["REGULARIZERS", "SparseConnectivityLearning", "with_mask_units"]
 
 REGULARIZERS = ("connections", "flops")
 MASK_LR_SCHEDULES = ("constant", "cosine")
@@ -62,6 +63,46 @@ def _network_statistic(layer_stats: list[torch.Tensor], counts: list[int], stati
     if statistic == "l2":  # root mean square: average the mean squares
         return (stacked.square() * weights).sum().sqrt().reshape(1)
     return (stacked * weights).sum().reshape(1)
+
+
+def _is_mask_unit(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP auto-wrap policy (the callable form): every ConnectivityMask is an FSDP unit of its own."""
+    return True if recurse else isinstance(module, ConnectivityMask)
+
+
+def _has_fsdp_units(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def with_mask_units(policy: Any) -> Any:
+    """``policy`` (an FSDP ``auto_wrap_policy``, or None) extended so that every ConnectivityMask is its own FSDP unit.
+
+    FSDP flattens the parameters of one unit together, and its optimizer state dict then requires every parameter
+    of a flat parameter to be in the optimizer it saves. The masks train in the callback's own optimizer, so a mask
+    sharing a unit with its layer's weight makes every checkpoint fail ("... mask is not in the optimizer state").
+
+    Example:
+        >>> from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        >>> sorted(c.__name__ for c in with_mask_units(ModuleWrapPolicy({nn.Linear}))._module_classes)
+        ['ConnectivityMask', 'Linear']
+    """
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy, _or_policy
+
+    if policy is None:
+        return ModuleWrapPolicy({ConnectivityMask})
+    if isinstance(policy, ModuleWrapPolicy):
+        return ModuleWrapPolicy(set(policy._module_classes) | {ConnectivityMask})
+    if isinstance(policy, CustomPolicy):
+        inner = policy._lambda_fn
+        return CustomPolicy(lambda module: isinstance(module, ConnectivityMask) or inner(module))
+    if callable(policy):
+        return functools.partial(_or_policy, policies=[policy, _is_mask_unit])
+    raise TypeError(
+        f"SparseConnectivityLearning cannot extend the FSDP auto_wrap_policy {policy!r}: pass a set of module "
+        "classes, a ModuleWrapPolicy, a CustomPolicy or a callable policy, and include ConnectivityMask."
+    )
 
 
 def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
@@ -373,6 +414,7 @@ class SparseConnectivityLearning(Callback):
             # Layers created in configure_model do not exist yet: inject right after it instead.
             if not is_overridden("configure_model", pl_module):
                 raise
+        self._prepare_fsdp(trainer, pl_module)
         if is_overridden("configure_model", pl_module):
 
             def after_configure_model(result: Any) -> Any:
@@ -385,6 +427,37 @@ class SparseConnectivityLearning(Callback):
         # LightningModule.on_load_checkpoint runs just before the strict state_dict load of `ckpt_path=`: check the
         # checkpoint's masks there, where a mismatch can still be explained instead of listed as missing keys.
         self._wrap_method(pl_module, "on_load_checkpoint", before=self._check_checkpoint_masks)
+
+    def _prepare_fsdp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under Lightning's FSDP strategy (which wraps the model after ``setup``): masks in FSDP units of their own."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = trainer.strategy
+        if not isinstance(strategy, FSDPStrategy) or _has_fsdp_units(pl_module):  # wrapped by an earlier fit
+            return
+        from torch.distributed.fsdp import ShardingStrategy
+
+        if trainer.world_size > 1 and strategy.sharding_strategy != ShardingStrategy.NO_SHARD:
+            # sharded, a rank holds a flat slice of every mask and its gradient: no whole rows for the per-unit
+            # statistics, no whole mask for the gate
+            raise ValueError(
+                f"SparseConnectivityLearning does not support sharded FSDP across {trainer.world_size} processes "
+                f"(sharding_strategy={strategy.sharding_strategy.name}). Use strategy='ddp', or "
+                "FSDPStrategy(sharding_strategy='NO_SHARD')."
+            )
+        strategy.kwargs["auto_wrap_policy"] = with_mask_units(strategy.kwargs.get("auto_wrap_policy"))
+        if self.report or self.regularizer == "flops":
+            # Counting FLOPs runs the model; once wrapped, FSDP's inner units refuse to run before the root has. So
+            # count now, on the unwrapped model.
+            self._reporter = SCLReporter(pl_module)
+            accountant = self._reporter.accountant
+            if accountant.example_input is None or not self._masks:
+                accountant.skip_flops(
+                    "under FSDP the FLOPs are counted before the model is wrapped, which needs the masked layers and "
+                    "LightningModule.example_input_array in setup"
+                )
+            elif accountant.has_flops:
+                accountant.snapshot()  # and the channel links, which also run the model
 
     def _check_checkpoint_masks(self, checkpoint: dict[str, Any]) -> None:
         record = (checkpoint.get(CHECKPOINT_KEY) or {}).get("scl")
@@ -433,8 +506,9 @@ class SparseConnectivityLearning(Callback):
             )
         params = [mask.mask for mask in self._masks.values()]
         self._decayed_originals = None
+        fsdp_reporter = self._reporter if _has_fsdp_units(pl_module) else None  # made before FSDP wrapped the model
         if self.report or self.regularizer == "flops":
-            self._reporter = SCLReporter(pl_module)
+            self._reporter = fsdp_reporter or SCLReporter(pl_module)
         # On CPU the fused kernel updates momentum and mask in one pass instead of three; on accelerators the default
         # (foreach) path is already fast and works with every strategy's parameter wrapping.
         self._fused_mask_optimizer = all(p.device.type == "cpu" for p in params) or None
