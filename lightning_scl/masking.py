@@ -236,7 +236,12 @@ class ConnectivityMask(nn.Module):
         self._gate_cache: tuple[weakref.ref, tuple[int, int, torch.device], torch.Tensor] | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return _MaskedWeight.apply(weight, self.mask, self.gate_values(weight.dtype), self.ste, self.slope)
+        gate = self.gate_values(weight.dtype)
+        if not self.mask.requires_grad:
+            # A frozen mask: the same product and weight gradient through built-in autograd, without the Python
+            # autograd node, whose overhead dominates a launch-bound GPU step (benchmarks/gpu_check.py)
+            return torch.addcmul(weight.new_zeros(()), weight, gate)
+        return _MaskedWeight.apply(weight, self.mask, gate, self.ste, self.slope)
 
     def _mask_state(self) -> tuple[int, int, torch.device] | None:
         try:

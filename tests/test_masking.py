@@ -380,3 +380,20 @@ def test_functional_call_with_other_masks_gates_with_those_masks():
         torch.testing.assert_close(out, x @ torch.where(other > 0, original, 0.0).t() + net.bias)
         del other
     assert mask.kept() == kept_before and torch.equal(net.weight, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_mask_gives_the_same_weight_and_gradient_without_a_python_node(dtype):
+    weight = torch.tensor([[1.5, -2.0], [-0.5, 3.0]], dtype=dtype, requires_grad=True)
+    p = ConnectivityMask((2, 2))
+    with torch.no_grad():
+        p.mask.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    grad_out = torch.tensor([[0.3, -0.7], [1.1, 2.0]], dtype=dtype)
+    trained = p(weight)
+    (trainable_grad,) = torch.autograd.grad(trained, weight, grad_out)
+    p.mask.requires_grad_(False)
+    frozen = p(weight)
+    (frozen_grad,) = torch.autograd.grad(frozen, weight, grad_out)
+    assert type(frozen.grad_fn).__name__ == "AddcmulBackward0"  # built-in autograd, no Python backward
+    assert torch.equal(frozen, trained) and torch.equal(frozen_grad, trainable_grad)
+    assert str(frozen[0, 1].item()) == "0.0"  # a switched-off negative weight is +0.0, as ``where`` gives
