@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -55,6 +56,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 # (turns per fit, steps per turn): turns of about half a second or more; short fits, since fresh processes (repeats)
 # are what averages out a process's own speed
+METHODS = ("dense", "scl", "scl_frozen", "modelpruning")
 TURNS = {"lenet300": (11, 10), "lenet5": (11, 10), "resnet20": (6, 4)}
 
 
@@ -63,13 +65,16 @@ class HookBracket(L.Callback):
 
     Lightning calls every callback's hook in list order, so the time between the opening and the closing bracket's
     ``on_before_optimizer_step`` (the mask update) and ``on_train_batch_end`` (restoring protected weights) is SCL's.
-    The closing bracket keeps one time per step.
+    The closing bracket keeps one time per step. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each reading,
+    so on an accelerator the queued work is counted where it was issued.
     """
 
-    def __init__(self, closing: HookBracket | None = None):
-        self.closing, self.start, self.times, self._step = closing, 0.0, [], 0.0
+    def __init__(self, closing: HookBracket | None = None, sync: Callable[[], None] | None = None):
+        self.closing, self.start, self.times, self._step, self.sync = closing, 0.0, [], 0.0, sync
 
     def _open_or_close(self) -> None:
+        if self.sync is not None:
+            self.sync()
         if self.closing is not None:  # the opening bracket
             self.closing.start = time.perf_counter()
         else:
@@ -164,6 +169,27 @@ class StepClockStop(L.Callback):
         self.clock.stop()
 
 
+def install_method(model: nn.Module, method: str) -> SparseConnectivityLearning | None:
+    """Set ``model`` up for one of :data:`METHODS`; returns the SCL callback to train with (None for the others).
+
+    With target_density, as the recipes use it: the density controller counts the kept connections every step.
+    """
+    if method == "scl":
+        # Never frozen: every timed step pays the full mask update (after the default freeze at 70% a step is cheaper).
+        return SparseConnectivityLearning(target_density=0.02, freeze_masks_at=None)
+    if method == "scl_frozen":
+        # Frozen at the first step (within the untimed warm-up): the cost of the default's last 30% of steps.
+        # (A fixed lam: target_density refuses to freeze before its density schedule ends, and frozen masks run
+        # no controller anyway.)
+        return SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.01)
+    if method == "modelpruning":
+        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
+    elif method != "dense":
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return None
+
+
 def one_fit(
     model_name: str, method: str, batch_size: int, turns: Turns, index: int, turn_steps: int, total_turns: int
 ) -> tuple[list[tuple[int, float]], list[float]]:
@@ -175,21 +201,8 @@ def one_fit(
     model = ImageClassifier(model_name, lr=0.05, weight_decay=5e-4)
     clock = StepClock(turns, index, turn_steps, total_turns)
     closing = HookBracket()
-    method_callbacks: list[L.Callback] = []
-    # With target_density, as the recipes use it: the density controller counts the kept connections every step.
-    if method == "scl":
-        # Never frozen: every timed step pays the full mask update (after the default freeze at 70% a step is cheaper).
-        scl = SparseConnectivityLearning(target_density=0.02, freeze_masks_at=None)
-        method_callbacks = [HookBracket(closing), scl, closing]
-    elif method == "scl_frozen":
-        # Frozen at the first step (within the untimed first turn): the cost of the default's last 30% of steps.
-        # (A fixed lam: target_density refuses to freeze before its density schedule ends, and frozen masks run
-        # no controller anyway.)
-        scl = SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.01)
-        method_callbacks = [HookBracket(closing), scl, closing]
-    elif method == "modelpruning":
-        layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
+    scl = install_method(model, method)
+    method_callbacks: list[L.Callback] = [HookBracket(closing), scl, closing] if scl is not None else []
     # A real logger, as in use (logging is part of the step's cost); its files are thrown away.
     with tempfile.TemporaryDirectory() as log_dir:
         trainer = L.Trainer(
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.repeats, args.turns, args.turn_steps, args.batch_size = 1, 2, 3, 16
     warnings.filterwarnings("ignore")
-    methods = ["dense", "scl", "scl_frozen", "modelpruning"]
+    methods = list(METHODS)
     results = {}
     plan = {name: (args.turns or TURNS[name][0], args.turn_steps or TURNS[name][1]) for name in args.models}
     for model_name in args.models:
