@@ -185,6 +185,16 @@ def resume_with_other_selection(tmp: Path) -> Trigger:
     return functools.partial(second.fit, _mlp()(), loader(n=32), ckpt_path=tmp / "run.ckpt")
 
 
+def sharded_fsdp_across_gpus(tmp: Path) -> Trigger:
+    # Lightning builds FSDP only on CUDA: this stands in for the trainer of a 4-GPU run at the callback's setup.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=4)
+    return functools.partial(SparseConnectivityLearning(report=False).setup, trainer, _mlp()(), "fit")
+
+
 def swap_again_differently(tmp: Path) -> Trigger:
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     swap_activations(model, alpha=1.0)
@@ -401,6 +411,16 @@ CASES: list[Case] = [
         fix=r"one of \['weight', 'channel'\]",
         says="ValueError: granularity must be one of ['weight', 'channel'], got 'filter'",
         todo='Use `channel` for whole filters/units (physically smaller after `format="shrunk"`), or `weight`.',
+    ),
+    Case(
+        id="scl-sharded-fsdp",
+        did='`Trainer(strategy="fsdp", devices=4)` (sharded FSDP across 4 GPUs) with `SparseConnectivityLearning`',
+        make=sharded_fsdp_across_gpus,
+        raises=ValueError,
+        problem=r"does not support sharded FSDP across 4 processes",
+        fix=r"strategy='ddp', or FSDPStrategy\(sharding_strategy='NO_SHARD'\)",
+        says="ValueError: SparseConnectivityLearning does not support sharded FSDP across 4 processes",
+        todo='Use `strategy="ddp"`, or `FSDPStrategy(sharding_strategy="NO_SHARD")`; FSDP on one GPU works as is.',
     ),
     Case(
         id="scl-bad-regex",
