@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from lightning_scl.masking import ConnectivityMask
 from tests.conftest import MLP, loader, quiet_trainer
 
 
@@ -771,3 +772,56 @@ def test_exact_density_snap_keeps_layer_floors_above_the_target():
     scl._snap_to_target_density()
     assert (scl.masks["a"].mask > 0).tolist() == [[True, True], [False, False]]
     assert (scl.masks["b"].mask > 0).tolist() == [[False, True], [False, True]]
+
+
+class _KeptLog(L.Callback):
+    """The connections the controller saw at each step (what the batched path counts on the host)."""
+
+    def __init__(self, scl: SparseConnectivityLearning):
+        self.scl, self.counts = scl, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(sum(mask.kept() for mask in self.scl.masks.values()))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(target_density=0.3, freeze_masks_at=None),  # the defaults: network-wide mean |g|, identity STE
+        dict(target_density=0.3, freeze_masks_at=None, normalize_over="layer", normalize="l2"),
+        dict(lam=0.3, normalize="max_abs", mask_init=0.05),
+        dict(lam=0.3, normalize="none", mask_init=0.02),
+        dict(lam=0.3, granularity="channel", mask_lr=0.05),
+    ],
+)
+def test_the_batched_mask_step_trains_as_the_per_layer_one(options):
+    """On a GPU the mask step runs as a few multi-tensor kernels; here it is forced on the CPU and compared."""
+    runs = {}
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = MLP(weight_decay=1e-2)  # weight decay: the protected-weight snapshot and restore run too
+        scl = SparseConnectivityLearning(log_every_n_steps=1, **options)
+        scl._force_batched_step = batched
+        kept = _KeptLog(scl)
+        quiet_trainer(callbacks=[scl, kept], max_steps=12).fit(model, loader())
+        assert scl._batched_step == batched
+        runs[batched] = (model, scl, kept)
+    (model_a, scl_a, kept_a), (model_b, scl_b, kept_b) = runs[False], runs[True]
+    # float rounding differs (a norm kernel vs abs().sum(), host vs device reciprocals): close, not bit-equal
+    for name, mask in scl_a.masks.items():
+        torch.testing.assert_close(scl_b.masks[name].mask, mask.mask, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert scl_b.lam == pytest.approx(scl_a.lam, rel=1e-3)
+    assert kept_b.counts == kept_a.counts and scl_b.density == scl_a.density < 1.0
+    # the host-side counts that steered the controller are exact: they match a fresh count of the final masks
+    stats, counts = scl_b._batched_statistics_and_counts(
+        [_with_grad(m) for m in scl_b.masks.values()], "mean_abs", count=True
+    )
+    assert {name: int(c) for name, c in counts.items()} == {name: m.kept() for name, m in scl_b.masks.items()}
+    assert stats == pytest.approx([1.0] * len(stats))  # the mean |g| of all-ones gradients, per layer or overall
+
+
+def _with_grad(mask: ConnectivityMask) -> ConnectivityMask:
+    mask.mask.grad = torch.ones_like(mask.mask)
+    return mask

@@ -24,6 +24,7 @@ from lightning_scl.masking import (
     _count_positive,
     _inverse_statistic,
     _scale_rows_and_add_,
+    gate_values,
     inject_masks,
     iter_masks,
     mask_gradient_statistic,
@@ -331,6 +332,8 @@ class SparseConnectivityLearning(Callback):
         self._reg_scales: dict[str, float] | None = None
         self._frozen = False
         self._weight_snapshot: list[tuple[torch.Tensor, torch.Tensor, ConnectivityMask]] | None = None
+        self._batched_step = False
+        self._force_batched_step: bool | None = None  # tests: the batched mask step on the CPU too
         self._decayed_originals: list[str] | None = None
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
@@ -512,6 +515,16 @@ class SparseConnectivityLearning(Callback):
         # On CPU the fused kernel updates momentum and mask in one pass instead of three; on accelerators the default
         # (foreach) path is already fast and works with every strategy's parameter wrapping.
         self._fused_mask_optimizer = all(p.device.type == "cpu" for p in params) or None
+        # On a GPU, batch the per-layer work of the mask step: a small model's step is bound by kernel launches
+        # there, while on CPU the per-layer passes are faster. Per-unit statistics and the non-identity STEs keep
+        # the per-layer path, and so do masks too large for exact float32 counts.
+        on_gpu = all(p.is_cuda for p in params) if self._force_batched_step is None else self._force_batched_step
+        self._batched_step = (
+            on_gpu
+            and self.normalize_over != "unit"
+            and self.ste == "identity"
+            and all(p.numel() < 2**24 for p in params)
+        )
         self._mask_optimizer = torch.optim.SGD(
             params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0, fused=self._fused_mask_optimizer
         )
@@ -726,10 +739,17 @@ class SparseConnectivityLearning(Callback):
         # the non-finite check (one host sync for all layers).
         per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
-        stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
-        if self.normalize_over == "network":
-            stats = [_network_statistic(stats, [m.mask.numel() for m in masks], statistic)] * len(masks)
-        if not bool(torch.isfinite(torch.cat(stats)).all()):
+        count_now = self.target_density is not None or log_now
+        kept_by_layer: dict[str, torch.Tensor] = {}
+        if self._batched_step:
+            host_stats, kept_by_layer = self._batched_statistics_and_counts(masks, statistic, count_now)
+            finite = all(math.isfinite(v) for v in host_stats)
+        else:
+            stats = [mask_gradient_statistic(m.mask.grad, m.feature_dim, statistic, per_feature) for m in masks]
+            if self.normalize_over == "network":
+                stats = [_network_statistic(stats, [m.mask.numel() for m in masks], statistic)] * len(masks)
+            finite = bool(torch.isfinite(torch.cat(stats)).all())
+        if not finite:
             self.steps_skipped_nonfinite += 1
             if "nonfinite" not in self._warned:
                 self._warned.add("nonfinite")
@@ -740,9 +760,8 @@ class SparseConnectivityLearning(Callback):
             self._drop_mask_gradients()
             return
 
-        kept_by_layer: dict[str, torch.Tensor] = {}
         # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
-        if self.target_density is not None or log_now:
+        if count_now and not self._batched_step:
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
         if self.target_density is not None:
             self._update_lambda(
@@ -752,7 +771,13 @@ class SparseConnectivityLearning(Callback):
         # The normalization makes the task gradient scale-free, so AMP's loss scale only matters without it.
         amp_scale = self._gradient_scale(trainer) if self.normalize == "none" else 1.0
         identity_proxy = self.ste == "identity"
-        for (name, mask), stat in zip(self._masks.items(), stats):
+        if self._batched_step:
+            grads = [mask.mask.grad for mask in masks]
+            tiny = torch.finfo(torch.float32).tiny  # all-zero gradients stay zero, as in _inverse_statistic
+            inverses = [1 / max(v, tiny) if self.normalize != "none" else 1 / amp_scale for v in host_stats]
+            torch._foreach_mul_(grads, inverses)
+            torch._foreach_add_(grads, [self.lam * scales[name] for name in self._masks])
+        for (name, mask), stat in zip(self._masks.items(), [] if self._batched_step else stats):
             grad = mask.mask.grad
             inverse = _inverse_statistic(stat) if self.normalize != "none" else stat.new_full(stat.shape, 1 / amp_scale)
             pressure = self.lam * scales[name]
@@ -773,6 +798,41 @@ class SparseConnectivityLearning(Callback):
             self._snapshot_pruned_weights(trainer)
         if log_now:
             self._log_counts(pl_module, step, kept_by_layer, scales)
+
+    def _batched_statistics_and_counts(
+        self, masks: list[ConnectivityMask], statistic: str, count: bool
+    ) -> tuple[list[float], dict[str, torch.Tensor]]:
+        """Each mask's gradient statistic (per layer, or the network's for every layer) and, with ``count``, the kept
+        connections per layer: a few multi-tensor kernels and one host synchronization for all layers.
+
+        On a GPU a step of a small model is bound by kernel launches, and the per-layer path issues about ten short
+        kernels per masked layer; this path is taken there (see ``_batched_step``).
+        """
+        order = {"mean_abs": 1, "l2": 2, "max_abs": math.inf}[statistic]
+        values = list(torch._foreach_norm([m.mask.grad for m in masks], order))
+        if count:
+            # the masks' cached 0/1 gates (0/1 is exact in float32; _batched_step checked every size is below 2**24)
+            gates = [m._cached_gate() for m in masks]
+            gates = [g if g is not None else gate_values(m.mask.detach(), torch.float32) for g, m in zip(gates, masks)]
+            values += list(torch._foreach_norm(gates, 1, dtype=torch.float32))
+        host = torch.stack(values).tolist()
+        norms, counts = host[: len(masks)], host[len(masks) :]
+        sizes = [m.mask.numel() for m in masks]
+        if statistic == "mean_abs":
+            stats = [n / k for n, k in zip(norms, sizes)]
+            network = sum(norms) / sum(sizes)
+        elif statistic == "l2":  # root mean square
+            stats = [n / math.sqrt(k) for n, k in zip(norms, sizes)]
+            network = math.sqrt(sum(n * n for n in norms) / sum(sizes))
+        else:
+            stats, network = norms, max(norms)
+        if self.normalize_over == "network":
+            stats = [network] * len(masks)
+        kept = {
+            name: torch.tensor(round(c) * m.connections_per_variable)
+            for (name, m), c in zip(self._masks.items(), counts)
+        }
+        return stats, kept
 
     def _drop_mask_gradients(self) -> None:
         # what the mask optimizer's zero_grad(set_to_none=True) does, without its per-call profiling overhead
@@ -899,9 +959,11 @@ class SparseConnectivityLearning(Callback):
                 for p in g["params"]
             }
             self._decayed_originals = [name for name, original in self._originals.items() if id(original) in decayed]
+        originals = [self._originals[name].detach() for name in self._decayed_originals]
+        # batched: one multi-tensor kernel copies them all (``* 1.0`` is exact, signed zeros included)
+        copies = torch._foreach_mul(originals, 1.0) if self._batched_step else [o.clone() for o in originals]
         snapshot = [
-            (self._originals[name], self._originals[name].detach().clone(), self._masks[name])
-            for name in self._decayed_originals
+            (self._originals[name], copy, self._masks[name]) for name, copy in zip(self._decayed_originals, copies)
         ]
         self._weight_snapshot = snapshot or None
 
@@ -911,10 +973,16 @@ class SparseConnectivityLearning(Callback):
         if self._weight_snapshot is None:
             return
         with torch.no_grad():
-            for original, before, mask in self._weight_snapshot:
-                # lerp with a 0/1 weight is exact (``before`` at 0, ``original`` at 1) and, unlike where() on a
-                # bool gate, a fast vectorized pass on CPU; the mask keeps this gate for the next forward pass
-                torch.lerp(before, original, mask.gate_values(original.dtype), out=original)
+            # lerp with a 0/1 weight is exact (``before`` at 0, ``original`` at 1) and, unlike where() on a bool
+            # gate, a fast vectorized pass on CPU; the mask keeps this gate for the next forward pass
+            if self._batched_step:
+                originals, befores, masks = zip(*self._weight_snapshot)
+                gates = [mask.gate_values(original.dtype) for original, mask in zip(originals, masks)]
+                torch._foreach_lerp_(befores, originals, gates)
+                torch._foreach_copy_(originals, befores)
+            else:
+                for original, before, mask in self._weight_snapshot:
+                    torch.lerp(before, original, mask.gate_values(original.dtype), out=original)
         self._weight_snapshot = None
 
     # ------------------------------------------------------------------ logging
