@@ -273,23 +273,30 @@ def check_fsdp(args) -> dict:
     return {"ok": ok and info["fsdp_units"].get("ConnectivityMask") == len(scl.masks), **info}
 
 
+# "scl_per_layer": SCL training its masks with the per-layer mask step that CPUs use, against the batched one that
+# "scl" takes on a GPU (the same run, so the batching's gain is measured on one machine)
+TIMED = (*METHODS, "scl_per_layer")
+
+
 def check_step_time(args) -> dict:
     sync = torch.cuda.synchronize if args.accelerator == "gpu" else (lambda: None)
     result: dict = {}
     for model_name in args.time_models:
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        hooks: dict[str, list[float]] = {"scl": [], "scl_frozen": []}
+        times: dict[str, list[float]] = {m: [] for m in TIMED}
+        hooks: dict[str, list[float]] = {"scl": [], "scl_frozen": [], "scl_per_layer": []}
         data = _data(model_name, args.time_steps)
         # The last round only times SCL's own hooks: their synchronizations would slow the steps timed before.
         for round_ in range(args.rounds + 1):
             hook_round = round_ == args.rounds
-            shift = round_ % len(METHODS)
-            for method in METHODS[shift:] + METHODS[:shift]:
+            shift = round_ % len(TIMED)
+            for method in TIMED[shift:] + TIMED[:shift]:
                 if hook_round and method not in hooks:
                     continue
                 torch.manual_seed(0)
                 model = ImageClassifier(model_name, lr=0.05, weight_decay=5e-4)
-                scl = install_method(model, method)
+                scl = install_method(model, "scl" if method == "scl_per_layer" else method)
+                if method == "scl_per_layer":
+                    scl._force_batched_step = False
                 stop = StepTimer(sync, skip=args.time_warmup)
                 closing = HookBracket(sync=sync) if hook_round else None
                 inner = [HookBracket(closing, sync=sync), scl, closing] if hook_round else [scl]
@@ -397,7 +404,7 @@ def render_markdown(report: dict) -> str:
         for model, methods in timing.items():
             if not isinstance(methods, dict) or "dense" not in methods:
                 continue
-            for method in METHODS:
+            for method in [m for m in TIMED if m in methods]:
                 row = methods[method]
                 hooks = row.get("scl_hooks_median_ms")
                 lines.append(
