@@ -811,10 +811,13 @@ class SparseConnectivityLearning(Callback):
         order = {"mean_abs": 1, "l2": 2, "max_abs": math.inf}[statistic]
         values = list(torch._foreach_norm([m.mask.grad for m in masks], order))
         if count:
-            # the masks' cached 0/1 gates (0/1 is exact in float32; _batched_step checked every size is below 2**24)
+            # the masks' cached 0/1 gates, as float32: their sums are exact below 2**24, which _batched_step checked
             gates = [m._cached_gate() for m in masks]
-            gates = [g if g is not None else gate_values(m.mask.detach(), torch.float32) for g, m in zip(gates, masks)]
-            values += list(torch._foreach_norm(gates, 1, dtype=torch.float32))
+            gates = [
+                g if g is not None and g.dtype == torch.float32 else gate_values(m.mask.detach(), torch.float32)
+                for g, m in zip(gates, masks)
+            ]
+            values += list(torch._foreach_norm(gates, 1))
         host = torch.stack(values).tolist()
         norms, counts = host[: len(masks)], host[len(masks) :]
         sizes = [m.mask.numel() for m in masks]
