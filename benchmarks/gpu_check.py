@@ -119,13 +119,12 @@ def _fit(
     args: argparse.Namespace,
     scl: SparseConnectivityLearning | None,
     steps: int,
-    model: L.LightningModule | None = None,
     compile_model: bool = False,
     extra_callbacks: list[L.Callback] | None = None,
     **trainer_kwargs,
 ) -> tuple[L.Trainer, L.LightningModule, Audit]:
     torch.manual_seed(0)
-    model = model or ImageClassifier("resnet20", lr=0.05)
+    model = ImageClassifier("resnet20", lr=0.05)
     audit = Audit(scl)
     callbacks = [c for c in (scl, audit, *(extra_callbacks or [])) if c is not None]
     trainer = L.Trainer(
@@ -144,14 +143,14 @@ def _fit(
     return trainer, model, audit
 
 
-def _mask_summary(scl: SparseConnectivityLearning, audit: Audit, init: float = 1.0) -> dict:
+def _mask_summary(scl: SparseConnectivityLearning, audit: Audit) -> dict:
     masks = [m.mask.detach() for m in scl.masks.values()]
     return {
         "steps": len(audit.losses),
         "density": round(scl.density, 5),
         "mask_dtypes": sorted({str(m.dtype) for m in masks}),
         "masks_finite": all(bool(torch.isfinite(m).all()) for m in masks),
-        "masks_moved": any(bool((m != init).any()) for m in masks),
+        "masks_moved": any(bool((m != 1.0).any()) for m in masks),  # the default mask_init
         "losses_finite": all(math.isfinite(x) for x in audit.losses),
         "lam": scl.lam,
         "gate_checks": audit.gate_checks,
