@@ -9,6 +9,7 @@ Writes, under ``benchmarks/results/``:
 - ``mnist_ablations.md``: runs tagged ``ablation:<name>``;
 - ``mnist_flops.md`` and ``mnist_flops.png``: LeNet-5-Caffe accuracy against effective FLOPs for ModelPruning and
   SCL with the connection-count and the FLOPs-weighted regularizer;
+- ``mnist_side_by_side_60_epochs.md``: the same comparison at a 60-epoch budget (runs tagged ``side_by_side_e60``);
 - ``mnist_side_by_side_augmented.md`` and ``mnist_pareto_augmented.png``: the same comparison with training images
   randomly shifted (runs tagged ``side_by_side_augmented``; the dense baseline is the run tagged ``augmented``);
 - ``mnist_tuning.md``: runs tagged ``tune:<name>`` (training hyperparameters), ranked by validation accuracy;
@@ -208,13 +209,14 @@ def _save_accuracy_plot(fig, ax, path: Path, xlabel: str, title: str) -> None:
     plt.close(fig)
 
 
-def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = False) -> str:
+def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = False, tag: str | None = None) -> str:
     """SCL against ModelPruning at each target density, with the dense baseline.
 
     ``augmented=True`` tabulates the runs tagged ``side_by_side_augmented`` (training images randomly shifted), with
-    the dense run tagged ``augmented`` as their baseline.
+    the dense run tagged ``augmented`` as their baseline. ``tag`` picks another set of side-by-side runs (e.g. a
+    longer budget, ``side_by_side_e60``).
     """
-    tag = "side_by_side_augmented" if augmented else "side_by_side"
+    tag = tag or ("side_by_side_augmented" if augmented else "side_by_side")
     rows = [r for r in runs if r.get("tag") == tag]
     if augmented:
         compared_models = {r["model"] for r in rows}
@@ -577,6 +579,9 @@ def summarize(results: Path) -> None:
             (results / "mnist_side_by_side_augmented.md").write_text(table + "\n")
         if any(r.get("tag") == "kd" for r in runs):
             (results / "mnist_distillation.md").write_text(distillation(runs) + "\n")
+        if any(r.get("tag") == "side_by_side_e60" for r in runs):
+            table = side_by_side(runs, None, tag="side_by_side_e60")
+            (results / "mnist_side_by_side_60_epochs.md").write_text(table + "\n")
         if any(r.get("tag") == "side_by_side_exact" for r in runs):
             (results / "mnist_exact_density.md").write_text(exact_density(runs) + "\n")
         if any(str(r.get("tag", "")).startswith("tune:") for r in runs):
