@@ -777,15 +777,18 @@ class SparseConnectivityLearning(Callback):
             inverses = [1 / max(v, tiny) if self.normalize != "none" else 1 / amp_scale for v in host_stats]
             torch._foreach_mul_(grads, inverses)
             torch._foreach_add_(grads, [self.lam * scales[name] for name in self._masks])
-        for (name, mask), stat in zip(self._masks.items(), [] if self._batched_step else stats):
-            grad = mask.mask.grad
-            inverse = _inverse_statistic(stat) if self.normalize != "none" else stat.new_full(stat.shape, 1 / amp_scale)
-            pressure = self.lam * scales[name]
-            # Identity STE: the regularizer's gradient is the constant pressure, added in the same pass.
-            _scale_rows_and_add_(grad, inverse, mask.feature_dim, pressure if identity_proxy else 0.0, per_feature)
-            if not identity_proxy and pressure > 0:
-                proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
-                grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
+        else:
+            for (name, mask), stat in zip(self._masks.items(), stats):
+                grad = mask.mask.grad
+                inverse = (
+                    _inverse_statistic(stat) if self.normalize != "none" else stat.new_full(stat.shape, 1 / amp_scale)
+                )
+                pressure = self.lam * scales[name]
+                # Identity STE: the regularizer's gradient is the constant pressure, added in the same pass.
+                _scale_rows_and_add_(grad, inverse, mask.feature_dim, pressure if identity_proxy else 0.0, per_feature)
+                if not identity_proxy and pressure > 0:
+                    proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
+                    grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
         self._mask_optimizer.step()
         # The fused CPU kernel writes the masks without bumping their version counters: bump them, so autograd's
         # saved-tensor checks and the masks' cached gates (keyed on the version) see the change.
@@ -821,16 +824,11 @@ class SparseConnectivityLearning(Callback):
         host = torch.stack(values).tolist()
         norms, counts = host[: len(masks)], host[len(masks) :]
         sizes = [m.mask.numel() for m in masks]
-        if statistic == "mean_abs":
-            stats = [n / k for n, k in zip(norms, sizes)]
-            network = sum(norms) / sum(sizes)
-        elif statistic == "l2":  # root mean square
-            stats = [n / math.sqrt(k) for n, k in zip(norms, sizes)]
-            network = math.sqrt(sum(n * n for n in norms) / sum(sizes))
-        else:
-            stats, network = norms, max(norms)
+        # the norms as mask_gradient_statistic's whole-layer statistics: mean |g|, root mean square, max |g|
+        stats = [n / {"mean_abs": k, "l2": math.sqrt(k), "max_abs": 1}[statistic] for n, k in zip(norms, sizes)]
         if self.normalize_over == "network":
-            stats = [network] * len(masks)
+            layer_stats = [torch.tensor([v], dtype=torch.float64) for v in stats]  # on the host: no device work
+            stats = [float(_network_statistic(layer_stats, sizes, statistic))] * len(masks)
         kept = {
             name: torch.tensor(round(c) * m.connections_per_variable)
             for (name, m), c in zip(self._masks.items(), counts)
