@@ -21,9 +21,16 @@ uses) before the fit, so every timed step pays their steady-state cost.
 
 Besides the pooled medians, every cycle of turns gives its own ratio to dense (median and min-max over cycles).
 
+Every timed step also records the process's minor page faults and system CPU time: glibc's ``malloc`` may return
+freed memory to the system and fault it back in at every step, depending on the order and sizes of allocations
+(see :mod:`lightning_scl.memory`). ``--allocator`` chooses who keeps freed memory: ``default`` runs every method as
+users run it (SCL's callback retains freed memory on CPU, dense and ModelPruning leave glibc as it is), ``retain``
+makes every process retain it, ``glibc`` none.
+
 Usage::
 
     python benchmarks/step_time.py                 # LeNet-5 (MNIST shape) and ResNet-20 (CIFAR shape), batch 128
+    python benchmarks/step_time.py --allocator glibc   # every method with glibc's malloc as it is
     python benchmarks/step_time.py --smoke         # CI: 2 turns of 3 steps per method, writes nothing
 """
 
@@ -35,6 +42,7 @@ import json
 import multiprocessing
 import platform
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -50,6 +58,7 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from lightning_scl.memory import retain_freed_memory
 from lightning_scl.models import ImageClassifier
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,6 +66,11 @@ SHAPES = {"lenet300": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32
 # (turns per fit, steps per turn): turns of about half a second or more; short fits, since fresh processes (repeats)
 # are what averages out a process's own speed
 METHODS = ("dense", "scl", "scl_frozen", "modelpruning")
+ALLOCATORS = {
+    "default": "as users run them (SCL's callback retains freed memory, the others leave glibc's malloc as it is)",
+    "retain": "every process retains freed memory (lightning_scl.memory.retain_freed_memory)",
+    "glibc": "glibc's malloc as it is for every method (SCL with retain_freed_memory=False)",
+}
 TURNS = {"lenet300": (11, 10), "lenet5": (11, 10), "resnet20": (6, 4)}
 
 
@@ -131,25 +145,30 @@ class Turns:
 class StepClock(L.Callback):
     """First callback of a fit: waits for the fit's turns and starts each step's clock (see :class:`Turns`).
 
-    Keeps ``(turn, seconds)`` for every timed step: all but the first step of every turn, from the second turn on.
+    Keeps ``(turn, step, seconds)`` for every timed step: all but the first step of every turn, from the second turn
+    on; and, for the same steps, the process's minor page faults and system CPU seconds (``faults``).
     """
 
     def __init__(self, turns: Turns, index: int, turn_steps: int, total_turns: int):
         self.turns, self.index, self.turn_steps, self.total_turns = turns, index, turn_steps, total_turns
         self.timed: list[tuple[int, int, float]] = []  # (turn, step, seconds)
-        self.step, self._start = 0, 0.0
+        self.faults: list[tuple[int, float]] = []  # (minor page faults, system seconds) of the same steps
+        self.step, self._start, self._usage = 0, 0.0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.step == 0:  # every fit is set up before anyone's first step
             self.turns.start.wait()
             self.turns.wait(self.index)
+        self._usage = resource.getrusage(resource.RUSAGE_SELF)
         self._start = time.perf_counter()
 
     def stop(self) -> None:
         elapsed = time.perf_counter() - self._start
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         turn, position = divmod(self.step, self.turn_steps)
         if turn > 0 and position > 0:
             self.timed.append((turn, self.step, elapsed))
+            self.faults.append((usage.ru_minflt - self._usage.ru_minflt, usage.ru_stime - self._usage.ru_stime))
         self.step += 1
         if position == self.turn_steps - 1:
             self.turns.pass_on(self.index)
@@ -169,19 +188,24 @@ class StepClockStop(L.Callback):
         self.clock.stop()
 
 
-def install_method(model: nn.Module, method: str) -> SparseConnectivityLearning | None:
+def install_method(
+    model: nn.Module, method: str, retain_freed_memory: bool = True
+) -> SparseConnectivityLearning | None:
     """Set ``model`` up for one of :data:`METHODS`; returns the SCL callback to train with (None for the others).
 
     With target_density, as the recipes use it: the density controller counts the kept connections every step.
+    ``retain_freed_memory`` is the SCL callback's argument of that name.
     """
     if method == "scl":
         # Never frozen: every timed step pays the full mask update (after the default freeze at 70% a step is cheaper).
-        return SparseConnectivityLearning(target_density=0.02, freeze_masks_at=None)
+        return SparseConnectivityLearning(
+            target_density=0.02, freeze_masks_at=None, retain_freed_memory=retain_freed_memory
+        )
     if method == "scl_frozen":
         # Frozen at the first step (within the untimed warm-up): the cost of the default's last 30% of steps.
         # (A fixed lam: target_density refuses to freeze before its density schedule ends, and frozen masks run
         # no controller anyway.)
-        return SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.01)
+        return SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.01, retain_freed_memory=retain_freed_memory)
     if method == "modelpruning":
         layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
@@ -191,9 +215,17 @@ def install_method(model: nn.Module, method: str) -> SparseConnectivityLearning 
 
 
 def one_fit(
-    model_name: str, method: str, batch_size: int, turns: Turns, index: int, turn_steps: int, total_turns: int
-) -> tuple[list[tuple[int, float]], list[float]]:
-    """``(turn, seconds)`` per timed step, and SCL's hook seconds for the same steps (empty without SCL)."""
+    model_name: str,
+    method: str,
+    batch_size: int,
+    turns: Turns,
+    index: int,
+    turn_steps: int,
+    total_turns: int,
+    allocator: str = "default",
+) -> tuple[list[tuple[int, float]], list[float], list[tuple[int, float]]]:
+    """``(turn, seconds)`` per timed step, SCL's hook seconds for the same steps (empty without SCL), and the steps'
+    ``(minor page faults, system seconds)``."""
     torch.manual_seed(0)
     shape = SHAPES[model_name]
     steps = turn_steps * total_turns
@@ -201,7 +233,7 @@ def one_fit(
     model = ImageClassifier(model_name, lr=0.05, weight_decay=5e-4)
     clock = StepClock(turns, index, turn_steps, total_turns)
     closing = HookBracket()
-    scl = install_method(model, method)
+    scl = install_method(model, method, retain_freed_memory=allocator != "glibc")
     method_callbacks: list[L.Callback] = [HookBracket(closing), scl, closing] if scl is not None else []
     # A real logger, as in use (logging is part of the step's cost); its files are thrown away.
     with tempfile.TemporaryDirectory() as log_dir:
@@ -217,22 +249,33 @@ def one_fit(
         )
         trainer.fit(model, DataLoader(data, batch_size=batch_size))
     hooks = [closing.times[step] for _, step, _ in clock.timed] if closing.times else []
-    return [(turn, seconds) for turn, _, seconds in clock.timed], hooks
+    return [(turn, seconds) for turn, _, seconds in clock.timed], hooks, clock.faults
 
 
-def _fit_process(model_name, method, batch_size, turns, index, turn_steps, total_turns, threads, results) -> None:
+def _fit_process(
+    model_name, method, batch_size, turns, index, turn_steps, total_turns, threads, allocator, results
+) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     try:
-        results.put((method, one_fit(model_name, method, batch_size, turns, index, turn_steps, total_turns)))
+        if allocator == "retain" and not retain_freed_memory():
+            raise RuntimeError("--allocator retain needs glibc's malloc (Linux); this C library is another")
+        fit = one_fit(model_name, method, batch_size, turns, index, turn_steps, total_turns, allocator)
+        results.put((method, fit))
     except BaseException as error:  # the other processes must not wait for this one forever
         turns.fail()
         results.put((method, f"{type(error).__name__}: {error}"))
 
 
 def interleaved_fits(
-    model_name: str, methods: list[str], batch_size: int, turn_steps: int, total_turns: int, threads: int
-) -> dict[str, tuple[list[tuple[int, float]], list[float]]]:
+    model_name: str,
+    methods: list[str],
+    batch_size: int,
+    turn_steps: int,
+    total_turns: int,
+    threads: int,
+    allocator: str = "default",
+) -> dict[str, tuple[list[tuple[int, float]], list[float], list[tuple[int, float]]]]:
     """Every method's fit in its own process, taking turns (see :class:`Turns`); their timings by method."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state inherited through fork
     turns = Turns(context, len(methods))
@@ -240,7 +283,7 @@ def interleaved_fits(
     processes = [
         context.Process(
             target=_fit_process,
-            args=(model_name, method, batch_size, turns, i, turn_steps, total_turns, threads, queue),
+            args=(model_name, method, batch_size, turns, i, turn_steps, total_turns, threads, allocator, queue),
             name=method,
         )
         for i, method in enumerate(methods)
@@ -290,6 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turn-steps", type=int, default=None, help="steps per turn (default: by model)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--allocator",
+        choices=sorted(ALLOCATORS),
+        default="default",
+        help="default: as users run them (SCL's callback retains freed memory on CPU, the others leave glibc as it "
+        "is); retain: every method's process retains freed memory; glibc: none does",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "step_time.json")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -302,17 +352,21 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models:
         total_turns, turn_steps = plan[model_name]
         hooks: dict[str, list[float]] = {m: [] for m in methods}
+        faults: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
         cycle_steps: dict[str, list[list[list[float]]]] = {m: [] for m in methods}  # [repeat][cycle] -> step times
         for repeat in range(args.repeats):
             # the six cyclic orders of the four methods in turn: each method follows each other one equally often
             order = [methods[0], *list(itertools.permutations(methods[1:]))[repeat % 6]]
-            fits = interleaved_fits(model_name, order, args.batch_size, turn_steps, total_turns, args.threads)
+            fits = interleaved_fits(
+                model_name, order, args.batch_size, turn_steps, total_turns, args.threads, args.allocator
+            )
             by_turn = {
                 method: {turn: [t for c, t in timed if c == turn] for turn in range(1, total_turns)}
-                for method, (timed, _) in fits.items()
+                for method, (timed, _, _) in fits.items()
             }
-            for method, (_, hook_times) in fits.items():
+            for method, (_, hook_times, step_faults) in fits.items():
                 hooks[method] += hook_times
+                faults[method] += step_faults
                 cycle_steps[method].append([by_turn[method][turn] for turn in range(1, total_turns)])
         every_cycle = {m: [cycle for repeat in cycle_steps[m] for cycle in repeat] for m in methods}
         times = {m: [t for cycle in every_cycle[m] for t in cycle] for m in methods}
@@ -338,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                 # Each cycle of turns gives its own ratio to dense, free of the machine's drift between cycles; the
                 # spread of these ratios is what says whether a ratio is established.
                 "cycle_ratios": cycles[method],
+                # glibc's malloc may unmap freed memory and fault it back in at every step: system time, not compute
+                "page_faults_per_step_median": statistics.median(f for f, _ in faults[method]),
+                "system_ms_per_step_median": 1000 * statistics.median(s for _, s in faults[method]),
             }
             for method, t in times.items()
         }
@@ -345,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "allocator": args.allocator,
         "repeats": args.repeats,
         "turns_and_steps_per_turn": plan,
         "interleaving": "turns of consecutive steps, one process per method, first step of a turn untimed",
@@ -354,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [
         "| model | method | median ms/step | p10-p90 ms | steps | x dense (95% interval) "
-        "| x dense per cycle: median (min-max) | SCL's hooks, median ms/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| x dense per cycle: median (min-max) | SCL's hooks, median ms/step | page faults/step | system ms/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model_name, per_method in results.items():
         for method, r in [(m, per_method[m]) for m in methods]:
@@ -365,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {model_name} | {method} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} | "
                 f"{r['steps']} | {r['ratio_to_dense']:.3f} ({low:.3f}-{high:.3f}) | "
                 f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
-                f"{'-' if r['scl_hooks_median_ms'] is None else format(r['scl_hooks_median_ms'], '.2f')} |"
+                f"{'-' if r['scl_hooks_median_ms'] is None else format(r['scl_hooks_median_ms'], '.2f')} | "
+                f"{r['page_faults_per_step_median']:.0f} | {r['system_ms_per_step_median']:.2f} |"
             )
     for model_name, per_method in results.items():
         run_average = 0.7 * per_method["scl"]["ratio_to_dense"] + 0.3 * per_method["scl_frozen"]["ratio_to_dense"]
@@ -389,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         args.out.with_suffix(".md").write_text(
-            f"Batch {args.batch_size}, {args.threads} threads, each method in its own process, taking turns: "
+            f"Batch {args.batch_size}, {args.threads} threads, allocator: {ALLOCATORS[args.allocator]}, each method in "
+            "its own process, taking turns: "
             f"{args.repeats} repeats x {plan_text} (the first turn and the first step of every turn untimed), "
             f"torch {torch.__version__}.\n\n" + "\n".join(lines) + "\n"
         )
