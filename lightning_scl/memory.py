@@ -4,9 +4,10 @@ PyTorch allocates CPU tensors with the C library's ``malloc``. glibc's ``malloc`
 operating system (it unmaps them, or trims the top of its heap) and tunes when it does so from what was freed
 before, so whether a training loop pays for this depends on the order and sizes of its allocations. When it does,
 every step unmaps megabytes of activations and faults them back in page by page (4 KiB at a time), which costs
-system time on every step. Measured with ``benchmarks/step_time.py`` (batch 128, 2 threads, glibc's defaults):
-ResNet-20 faulted about 10,000 pages per step without any mask, while LeNet-5-Caffe faulted none dense and a few
-thousand per step with SCL's masks; both are free of it once freed memory is kept.
+system time on every step. Measured with ``benchmarks/step_time.py`` (batch 128, 2 threads, glibc's defaults): a
+dense ResNet-20 faulted about 11,000-12,000 pages per step (32-35 ms of system time in a 327-363 ms step), a dense
+LeNet-5-Caffe none, and LeNet-5-Caffe with SCL's masks about 2,800 per mask-training step, or with
+``torch.nn.utils.prune``'s masks 2,900-4,300. With freed memory kept, none of them faulted.
 
 :func:`retain_freed_memory` sets glibc's two thresholds so a training loop's freed blocks stay in the heap and are
 reused. The cost: memory freed during training is not returned to the system until the process ends.

@@ -191,10 +191,11 @@ class SparseConnectivityLearning(Callback):
             the table is printed).
         retain_freed_memory: when the masks train on the CPU, call :func:`lightning_scl.memory.retain_freed_memory`
             at fit start, so glibc's ``malloc`` keeps freed memory for reuse (process-wide, until the process
-            ends). The mask step's extra tensors shift the heap so that glibc returned activation memory to the
-            system and faulted it back in at every step: on LeNet-5-Caffe 3,300 page faults and 7.5 ms of system
-            time per step, a 1.22x step against 1.02x with this on (``benchmarks/step_time.py``). Memory freed
-            during training then stays with the process. ``False`` leaves the allocator alone.
+            ends). Depending on the order and sizes of a step's allocations, glibc returns activation memory to the
+            system and faults it back in at every step; with the masks' extra tensors it did so on LeNet-5-Caffe
+            (2,800 page faults, 4 ms of system time per mask-training step), and a default run cost 1.17x a dense
+            one; with this on, no faults and 1.05x (``benchmarks/step_time.py``). Memory freed during training then
+            stays with the process. ``False`` leaves the allocator alone.
 
     Example:
         >>> import lightning.pytorch as L
