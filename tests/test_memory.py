@@ -80,5 +80,5 @@ def test_the_callback_retains_freed_memory_on_cpu_unless_told_not_to(monkeypatch
     monkeypatch.setattr(scl_module, "_retain_freed_memory", lambda: calls.append(1) or True)
     callback = scl_module.SparseConnectivityLearning(lam=0.1, retain_freed_memory=retain, report=False)
     quiet_trainer(callbacks=[callback], max_steps=2).fit(MLP(), loader())
-    assert callback.retained_freed_memory is retain
+    assert callback._retained_freed_memory is retain
     assert len(calls) == (1 if retain else 0)

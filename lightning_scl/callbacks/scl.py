@@ -331,7 +331,7 @@ class SparseConnectivityLearning(Callback):
         self.report = report
         self.report_dir = report_dir
         self.retain_freed_memory = bool(retain_freed_memory)
-        self.retained_freed_memory = False  # whether this callback has set glibc's thresholds (see the argument)
+        self._retained_freed_memory = False  # whether this callback has set glibc's thresholds (see the argument)
         self._reporter: SCLReporter | None = None
 
         self._masks: dict[str, ConnectivityMask] = {}
@@ -526,8 +526,8 @@ class SparseConnectivityLearning(Callback):
         # On CPU the fused kernel updates momentum and mask in one pass instead of three; on accelerators the default
         # (foreach) path is already fast and works with every strategy's parameter wrapping.
         self._fused_mask_optimizer = all(p.device.type == "cpu" for p in params) or None
-        if self.retain_freed_memory and self._fused_mask_optimizer and not self.retained_freed_memory:
-            self.retained_freed_memory = _retain_freed_memory()
+        if self.retain_freed_memory and self._fused_mask_optimizer and not self._retained_freed_memory:
+            self._retained_freed_memory = _retain_freed_memory()
         # On a GPU, batch the per-layer work of the mask step: a small model's step is bound by kernel launches
         # there, while on CPU the per-layer passes are faster. Per-unit statistics and the non-identity STEs keep
         # the per-layer path, and so do masks too large for exact float32 counts.
@@ -567,7 +567,7 @@ class SparseConnectivityLearning(Callback):
             f"SparseConnectivityLearning: {len(self._masks)} masked layers, {total:,} connections "
             f"({kept / max(total, 1):.2%} kept), granularity={self.granularity}, "
             + (f"target_density={self.target_density}" if self.target_density is not None else f"lam={self.lam}")
-            + (", freed CPU memory retained (retain_freed_memory)" if self.retained_freed_memory else "")
+            + (", freed CPU memory retained (retain_freed_memory)" if self._retained_freed_memory else "")
         )
 
     def _load_pending_state(self) -> None:
