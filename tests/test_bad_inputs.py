@@ -48,6 +48,7 @@ from lightning_scl._fetch import SOURCES
 from lightning_scl.accounting import sparsity_report
 from lightning_scl.cli import main as cli_main
 from lightning_scl.data import ChecksumError, CIFAR10DataModule, MNISTDataModule
+from lightning_scl.memory import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 # Under docs/snippets/: mkdocs excludes that folder from the pages (exclude_docs), so the table is included, not a page.
@@ -516,6 +517,16 @@ CASES: list[Case] = [
         fix=r"accepted: \[.*'ReLU'.*\]",
         says="ValueError: targets: unknown activation(s) ['Relu']; accepted: ['CELU', 'ELU', 'GELU'",
         todo="Use the exact `torch.nn` class names listed (`ReLU`, `ReLU6`, `LeakyReLU`...).",
+    ),
+    Case(
+        id="memory-mmap-threshold-above-limit",
+        did="`retain_freed_memory(mmap_threshold=64 * 2**20)`",
+        make=call(retain_freed_memory, mmap_threshold=64 * 2**20),
+        raises=ValueError,
+        problem=r"mmap_threshold=67108864 is above glibc's limit of 33554432 bytes",
+        fix=r"Pass at most 33554432",
+        says="ValueError: mmap_threshold=67108864 is above glibc's limit of 33554432 bytes (32 MiB on 64-bit systems)",
+        todo="Pass at most `33554432` (the default): larger blocks always get a mapping of their own.",
     ),
     Case(
         id="elu-alpha-zero",

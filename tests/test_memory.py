@@ -46,7 +46,7 @@ def _one_block(allocator: str) -> dict[str, int]:
 @pytest.mark.skipif(memory._glibc() is None, reason="the thresholds exist in glibc's malloc only (Linux)")
 def test_a_freed_block_stays_in_the_heap_instead_of_going_back_to_the_system():
     block = 16 * 2**20
-    # (the heap's free total moves by a little more than the block's neighbours take: compare with 90% of it)
+    # (allocations made around the block take a little of the freed space: compare with 90% of the block)
     default = _one_block("default")
     assert default["mapped"] >= block and default["kept"] < 0.9 * block  # its own mapping, unmapped at free
     retained = _one_block("retain")
