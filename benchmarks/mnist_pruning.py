@@ -20,6 +20,10 @@ Usage::
 
 Distillation from a dense teacher (both methods alike): train the teacher with ``--method dense --save-model T.pt``,
 then pass ``--teacher T.pt`` (``--distill-alpha``, ``--distill-temperature``).
+
+Pruning a trained network, as the published methods do (Han et al., DNS and Sparse VD all start from a trained dense
+network): train it with ``--method dense --save-model D.pt``, then pass ``--init-from D.pt``. The run then starts
+from those weights instead of a random initialization; the epochs count only the pruning run.
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         model.set_teacher(teacher.model)
     else:
         model = ImageClassifier(args.model, **options)
+    if args.init_from is not None:
+        model.load_state_dict(torch.load(args.init_from, weights_only=True))
     callbacks: list[L.Callback] = []
     if args.activation == "elu":
         callbacks.append(ELUSwap(alpha=1.0, verbose=False))
@@ -274,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", type=Path, default=None, help="distill from this dense state dict (--save-model)")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument(
+        "--init-from", type=Path, default=None, help="start from this trained dense state dict (--save-model)"
+    )
     parser.add_argument("--save-model", type=Path, default=None, help="write the trained model's state dict here")
     parser.add_argument("--train-subset", type=int, default=None)
     parser.add_argument(

@@ -17,6 +17,8 @@ done
 echo "-- benchmarks/mnist_pruning.py with distillation from a dense teacher"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense --save-model "$scratch/teacher.pt" > /dev/null
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --teacher "$scratch/teacher.pt" > /dev/null
+echo "-- benchmarks/mnist_pruning.py pruning the trained dense network"
+python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --init-from "$scratch/teacher.pt" > /dev/null
 echo "-- benchmarks/mnist_pruning.py with ELU, on all training images, distilled from an ELU teacher"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense --activation elu --save-model "$scratch/teacher_elu.pt" > /dev/null
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --activation elu --val-size 0 --teacher "$scratch/teacher_elu.pt" > /dev/null
