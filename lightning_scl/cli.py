@@ -35,8 +35,11 @@ from typing import Any, NoReturn
 import lightning.pytorch as L
 import torch
 import yaml
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from lightning_scl.memory import retain_freed_memory
 from lightning_scl.models import ImageClassifier
 
 __all__ = [
@@ -167,6 +170,19 @@ class SCLCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as err:
             raise _ConfigError(_root_message(err)) from err
+
+    def before_fit(self) -> None:
+        """On the CPU, keep freed memory for reuse (:func:`~lightning_scl.memory.retain_freed_memory`) in every run.
+
+        The SCL callback does this itself; doing it here too makes a dense baseline trained with this command pay
+        the same allocator cost as an SCL run, so the two compare like for like. An SCL callback given
+        ``retain_freed_memory=False`` opts the whole run out.
+        """
+        if not isinstance(self.trainer.accelerator, CPUAccelerator):
+            return
+        callbacks = [cb for cb in self.trainer.callbacks if isinstance(cb, SparseConnectivityLearning)]
+        if all(cb.retain_freed_memory for cb in callbacks):
+            retain_freed_memory()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the data module's ``num_classes`` and ``input_shape`` to the model's."""

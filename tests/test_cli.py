@@ -153,6 +153,55 @@ def test_demo(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.parametrize(
+    ("callbacks", "retained"),
+    [
+        ([], True),  # a dense baseline pays the same allocator cost as an SCL run
+        (["--trainer.callbacks=lightning_scl.callbacks.scl.SparseConnectivityLearning"], True),
+        (
+            [
+                "--trainer.callbacks=lightning_scl.callbacks.scl.SparseConnectivityLearning",
+                "--trainer.callbacks.init_args.retain_freed_memory=false",
+            ],
+            False,
+        ),
+    ],
+)
+def test_fit_on_cpu_retains_freed_memory_unless_scl_opts_out(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    callbacks: list[str],
+    retained: bool,
+) -> None:
+    from lightning_scl import cli
+    from lightning_scl.callbacks import scl as scl_module
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append("cli") or True)
+    monkeypatch.setattr(scl_module, "_retain_freed_memory", lambda: calls.append("scl") or True)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "fit",
+        "--data=lightning_scl.data.MNISTDataModule",
+        f"--data.data_dir={data_dir}",
+        "--data.train_subset=256",
+        "--data.val_size=256",
+        "--model.model=lenet300",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *callbacks,
+    ]
+    assert main(argv) == 0
+    assert ("cli" in calls) is retained
+    assert ("scl" in calls) is (retained and bool(callbacks))
+
+
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
