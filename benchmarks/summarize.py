@@ -113,13 +113,19 @@ def _add_once_per_seed(group: list[dict], run: dict) -> None:
         group.append(run)
 
 
-def _recipe_variant(run: dict) -> tuple[bool, str, bool]:
-    """What a run changed beyond the settings: trained on all 60k images, its activation, distilled from a teacher."""
+def _recipe_variant(run: dict) -> tuple[bool, str, bool, bool]:
+    """What a run changed beyond the settings: trained on all 60k images, its activation, distilled from a teacher,
+    started from a trained dense network."""
     cfg = run["config"]
-    return cfg.get("val_size", 5000) == 0, cfg.get("activation", "relu"), cfg.get("teacher") is not None
+    return (
+        cfg.get("val_size", 5000) == 0,
+        cfg.get("activation", "relu"),
+        cfg.get("teacher") is not None,
+        cfg.get("init_from") is not None,
+    )
 
 
-PLAIN_RECIPE = (False, "relu", False)
+PLAIN_RECIPE = (False, "relu", False, False)
 
 
 def _mean_std(values: list[float], digits: int = 2) -> str:
@@ -163,7 +169,8 @@ def headline(runs: list[dict]) -> str:
     for model in ("lenet300", "lenet5"):
         for name, err, kept in ANCHORS[model]:
             lines.append(f"| {NAMES[model]} | {name} | {err:.2f} | {100 * kept:.2f} | published | | |")
-        for (m, dense, shift, _, changed, (full_train, activation, distilled), _), rs in sorted(groups.items()):
+        for (m, dense, shift, _, changed, variant, _), rs in sorted(groups.items()):
+            full_train, activation, distilled, from_trained = variant
             if m != model:
                 continue
             rs = sorted(rs, key=lambda r: r["seed"])
@@ -181,6 +188,8 @@ def headline(runs: list[dict]) -> str:
                 method += f", {activation.upper()}"
             if distilled:
                 method += ", distilled from the dense network"
+            if from_trained:
+                method += ", pruning a trained dense network (epochs: the pruning run)"
             if full_train:
                 method += ", trained on all 60k images"
             if shift:
@@ -503,8 +512,9 @@ def tuning(runs: list[dict]) -> str:
             _add_once_per_seed(groups[key], r)
     lines = [
         "| setting | model | target density % | epochs | activation | optimizer | lr | weight decay | label smoothing "
-        "| batch | ramp / freeze | layer floor | teacher: weight / T | val acc % | test acc % | density % | seeds |",
-        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|",
+        "| batch | ramp / freeze | layer floor | teacher: weight / T | start | val acc % | test acc % | density % "
+        "| seeds |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---|---:|---:|---:|---|",
     ]
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
     for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
@@ -517,11 +527,12 @@ def tuning(runs: list[dict]) -> str:
         schedule = "-" if dense else f"{cfg['ramp']:g} / {cfg.get('freeze')}"
         floor = "-" if dense else f"{cfg.get('min_density_per_layer', 0):g}"
         teacher = f"{cfg['distill_alpha']:g} / {cfg['distill_temperature']:g}" if cfg.get("teacher") else "-"
+        start = "trained dense" if cfg.get("init_from") else "random"
         lines.append(
             f"| {name} | {NAMES[model]} | {'100 (dense)' if dense else f'{100 * target:g}'} | {epochs} | "
             f"{cfg.get('activation', 'relu')} | {cfg.get('optimizer', 'sgd')} | {cfg['lr']:g} | "
             f"{cfg['weight_decay']:g} | {cfg.get('label_smoothing', 0.0):g} | {cfg['batch_size']} | {schedule} | "
-            f"{floor} | {teacher} | {val} | {test} | {dens} | {seeds} |"
+            f"{floor} | {teacher} | {start} | {val} | {test} | {dens} | {seeds} |"
         )
     return "\n".join(lines)
 
