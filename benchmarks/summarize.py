@@ -524,12 +524,14 @@ def tuning(runs: list[dict]) -> str:
         dens = _mean_std([100 * r["density"] for r in rs])
         seeds = ", ".join(str(r["seed"]) for r in rs)
         dense = rs[0]["method"] == "dense"
-        schedule = "-" if dense else f"{cfg['ramp']:g} / {cfg.get('freeze')}"
+        magnitude = rs[0]["method"] == "modelpruning"  # a pruning ramp, but no masks to freeze
+        schedule = "-" if dense else f"{cfg['ramp']:g} / {'-' if magnitude else cfg.get('freeze')}"
         floor = "-" if dense else f"{cfg.get('min_density_per_layer', 0):g}"
         teacher = f"{cfg['distill_alpha']:g} / {cfg['distill_temperature']:g}" if cfg.get("teacher") else "-"
         start = "trained dense" if cfg.get("init_from") else "random"
         lines.append(
-            f"| {name} | {NAMES[model]} | {'100 (dense)' if dense else f'{100 * target:g}'} | {epochs} | "
+            f"| {name}{' (ModelPruning)' if magnitude else ''} | {NAMES[model]} | "
+            f"{'100 (dense)' if dense else f'{100 * target:g}'} | {epochs} | "
             f"{cfg.get('activation', 'relu')} | {cfg.get('optimizer', 'sgd')} | {cfg['lr']:g} | "
             f"{cfg['weight_decay']:g} | {cfg.get('label_smoothing', 0.0):g} | {cfg['batch_size']} | {schedule} | "
             f"{floor} | {teacher} | {start} | {val} | {test} | {dens} | {seeds} |"
