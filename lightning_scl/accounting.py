@@ -45,6 +45,7 @@ import csv
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -154,6 +155,12 @@ def _own_parameters(module: nn.Module, exclude: set[int]) -> list[torch.Tensor]:
     return [p for key, p in params.items() if key not in exclude]
 
 
+def _weight_parameter(module: nn.Module) -> torch.Tensor | None:
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module._parameters.get("weight")
+
+
 def _kind(module: nn.Module) -> str:
     cls = type(module)
     if parametrize.is_parametrized(module):
@@ -196,6 +203,9 @@ def _count_dense(model: nn.Module, example_input: Any) -> tuple[dict[str, int], 
     fvcore_logger = logging.getLogger("fvcore.nn.jit_analysis")
     level = fvcore_logger.level
     fvcore_logger.setLevel(logging.ERROR)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # under no_grad nn.MultiheadAttention takes a fused kernel fvcore counts as zero; the plain path has linears
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with _inference(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and deprecation warnings say nothing about the counts
@@ -203,15 +213,38 @@ def _count_dense(model: nn.Module, example_input: Any) -> tuple[dict[str, int], 
 
             analysis = FlopCountAnalysis(target, args)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _attention_macs)
             total = int(analysis.total())
             by_module = dict(analysis.by_module())
+            uncounted = {op: n for op, n in analysis.unsupported_ops().items() if _UNCOUNTED_COSTLY.search(op)}
     finally:
         fvcore_logger.setLevel(level)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    if uncounted:
+        warnings.warn(
+            "FLOPs leave out operations fvcore cannot count: "
+            + ", ".join(f"{op} (x{n})" for op, n in sorted(uncounted.items()))
+            + ". Dense and effective FLOPs cover the other layers only.",
+            stacklevel=2,
+        )
     if prefix:
         by_module = {k[len(prefix) + 1 :] if k.startswith(f"{prefix}.") else "": v for k, v in by_module.items()}
         by_module = {k: v for k, v in by_module.items() if k} | {"": total}
     names = [name for name, _ in _weighted_layers(model)]
     return _own_counts(by_module, names), total
+
+
+# matmul-heavy ops fvcore has no formula for: their MACs would be missing from the totals without a word
+_UNCOUNTED_COSTLY = re.compile(r"lstm|gru|rnn|bilinear|attention|conv_tbc|_convolution_mode|baddbmm")
+
+
+def _attention_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: ``q @ k^T`` plus ``weights @ v``."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = math.prod(q[:-2])
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def dense_macs_by_layer(model: nn.Module, example_input: Any) -> dict[str, int]:
@@ -712,6 +745,7 @@ class _Plan:
         self.rows: list[tuple[str, nn.Module]] = []
         self.params: list[int] = []
         self.row_mask: list[int] = []  # row -> index into masks, or -1
+        self.owns_weight: list[bool] = []  # False for the later layers of a tied weight (counted in the first)
         self.masks: list[tuple[str, ConnectivityMask]] = []
         self.params_total = 0
         self.connections_total = 0
@@ -854,6 +888,15 @@ class SparsityAccountant:
         except Exception as err:  # an untraceable model must not stop training: report counts only
             self._dense, self._total_dense = None, None
             self._reason = f"fvcore could not count the model on the example input ({type(err).__name__}: {err})"
+            return
+        unseen = [name for name, _, _ in iter_masks(self.model, unique=False) if not self._dense.get(name)]
+        if unseen:
+            warnings.warn(
+                f"Masked layer(s) {unseen} run no MACs of their own on the example input: their weight is used by a "
+                "parent's forward (as nn.MultiheadAttention does with out_proj) or they are not called. Their MACs "
+                "count in the parent's or not at all, so effective FLOPs do not follow their masks.",
+                stacklevel=2,
+            )
 
     def _link(self) -> None:
         """Producer -> consumer channel links, once, and only when channel masks exist."""
@@ -928,7 +971,9 @@ class SparsityAccountant:
         self._link()
         plan = _Plan()
         masks = list(iter_masks(self.model))
-        mask_index = {name: i for i, (name, _, _) in enumerate(masks)}
+        index_of = {id(mask): i for i, (_, _, mask) in enumerate(masks)}
+        # every layer of a tied weight runs through the shared mask: each one's FLOPs follow it
+        mask_index = {name: index_of[id(mask)] for name, _, mask in iter_masks(self.model, unique=False)}
         plan.masks = [(name, mask) for name, _, mask in masks]
         plan.connections_total = sum(mask.numel_connections for _, _, mask in masks)
         mask_ids = {id(mask.mask) for _, _, mask in masks}
@@ -939,6 +984,8 @@ class SparsityAccountant:
             own = _own_parameters(layer, seen)  # tied weights count once, in their first layer
             seen.update(id(p) for p in own)
             plan.params.append(sum(p.numel() for p in own))
+            weight = _weight_parameter(layer)
+            plan.owns_weight.append(any(p is weight for p in own))
             plan.row_mask.append(mask_index.get(name, -1))
         if self._dense is None or self._total_dense is None:
             return plan
@@ -984,7 +1031,7 @@ class SparsityAccountant:
         plan.mix = torch.zeros(len(masks), 2, dtype=torch.float64)
         plan.mix[:, 0] = 1.0
         for m, coef in zip(scaled_masks, scaled_coef):
-            plan.mix[m, 1] = coef
+            plan.mix[m, 1] += coef
         if scaled_rows:
             plan.scaled_rows = torch.tensor(scaled_rows, dtype=torch.long)
             plan.scaled_masks = torch.tensor(scaled_masks, dtype=torch.long)
@@ -1120,7 +1167,8 @@ class SparsityAccountant:
             row = LayerRow(name, _kind(layer), tuple(_weight_of(layer).shape), params, params, 1.0, masked=m >= 0)
             if m >= 0:
                 total = plan.masks[m][1].numel_connections
-                row.kept = params - (total - int(kept_list[m]))
+                if plan.owns_weight[i]:
+                    row.kept = params - (total - int(kept_list[m]))
                 row.density = int(kept_list[m]) / total
             if eff_list is not None and dense_list is not None:
                 row.dense_flops = round(dense_list[i])
@@ -1141,6 +1189,8 @@ def _report_from_state_dict(state_dict: Mapping[str, torch.Tensor], note: str) -
     """Counts from tensors alone: layers are the prefixes that own a ``weight`` (plain or masked)."""
     rows: list[LayerRow] = []
     used: set[str] = set()
+    counted: set[tuple[int, int, tuple[int, ...]]] = set()
+    owners: list[LayerRow] = []  # masked rows whose weight counts (the first layer of a tied weight)
     for key, value in state_dict.items():
         if key.endswith(_ORIGINAL_SUFFIX):
             prefix = key[: -len(_ORIGINAL_SUFFIX)]
@@ -1150,7 +1200,10 @@ def _report_from_state_dict(state_dict: Mapping[str, torch.Tensor], note: str) -
             continue
         dot = f"{prefix}." if prefix else ""
         bias = state_dict.get(f"{dot}bias")
-        params = value.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        tied = identity in counted  # a tied weight is saved under every layer's key but counts once
+        counted.add(identity)
+        params = (0 if tied else value.numel()) + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
         used.update({key, f"{dot}bias"})
         row = LayerRow(prefix, "?", tuple(value.shape), params=params, kept=params, density=1.0, masked=False)
         mask = state_dict.get(f"{prefix}{_MASK_SUFFIX}")
@@ -1158,15 +1211,18 @@ def _report_from_state_dict(state_dict: Mapping[str, torch.Tensor], note: str) -
             used.add(f"{prefix}{_MASK_SUFFIX}")
             per_variable = value.numel() // mask.numel()
             kept = int((mask > 0).sum()) * per_variable
-            row.kept, row.density, row.masked = params - (value.numel() - kept), kept / value.numel(), True
+            row.density, row.masked = kept / value.numel(), True
+            if not tied:
+                row.kept = params - (value.numel() - kept)
+                owners.append(row)
         rows.append(row)
     other = sum(
         v.numel()
         for k, v in state_dict.items()
         if k not in used and not k.endswith(_MASK_SUFFIX) and not k.endswith(_BN_BUFFERS)
     )
-    connections_total = sum(math.prod(r.shape) for r in rows if r.masked)
-    connections_kept = sum(round(r.density * math.prod(r.shape)) for r in rows if r.masked)
+    connections_total = sum(math.prod(r.shape) for r in owners)
+    connections_kept = sum(round(r.density * math.prod(r.shape)) for r in owners)
     params_total = sum(r.params for r in rows) + other
     totals = SparsityStats(
         params_total=params_total,

@@ -80,6 +80,7 @@ SUFFIXES = {
 _COMPRESSED_FORMAT = "lightning_scl.compressed"
 _SHRUNK_FORMAT = "lightning_scl.shrunk"
 _VERSION = 1
+_RANDOM_PROBES = 8  # random samples added to the example when looking for constant channels
 _META_KEY = "lightning_scl"
 _BITS_PREFIX = "__scl_bits__/"
 _VALUES_PREFIX = "__scl_values__/"
@@ -158,7 +159,7 @@ def _masked_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[
     out = {}
     for key in state_dict:
         match = _ORIGINAL_KEY.match(key)
-        if match is not None:
+        if match is not None and _mask_key(match["prefix"], match["tensor"]) in state_dict:  # not spectral_norm's
             prefix, tensor = match["prefix"], match["tensor"]
             out[f"{prefix}{tensor}"] = (key, _mask_key(prefix, tensor))
     return out
@@ -279,7 +280,11 @@ def _rebuild_from_checkpoint(checkpoint: Mapping[str, Any], model_class: Any) ->
     """
     state_dict = _checkpoint_state_dict(checkpoint)
     model = _instantiate(model_class, checkpoint)
-    record = checkpoint.get(_META_KEY, {}).get("scl", {}) if isinstance(checkpoint.get(_META_KEY), Mapping) else {}
+    meta = checkpoint.get(_META_KEY) if isinstance(checkpoint.get(_META_KEY), Mapping) else {}
+    if isinstance(meta.get("elu_swap"), Mapping):
+        # the trained function: without this, ONNX and shrunk exports of the checkpoint would compute ReLU
+        _apply_recorded_swap(model, meta["elu_swap"])
+    record = meta.get("scl", {})
     # Equal mask and weight shapes mean weight granularity, except for a channel mask on a single-input unit
     # (Linear(1, n), 1x1 conv on one channel): there the run's recorded granularity decides.
     recorded = record.get("granularity") if record.get("layers") else None
@@ -316,6 +321,20 @@ def _rebuild_from_checkpoint(checkpoint: Mapping[str, Any], model_class: Any) ->
         )
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def _apply_recorded_swap(model: nn.Module, record: Mapping[str, Any]) -> None:
+    from lightning_scl.activations import apply_elu, swap_report
+
+    if swap_report(model) is None:  # an instance passed in may already be swapped
+        apply_elu(model, dict(record))
+
+
+def _swap_record(model: nn.Module) -> dict[str, Any] | None:
+    from lightning_scl.activations import swap_report
+
+    report = swap_report(model)
+    return None if report is None else report.to_record()
 
 
 def _instantiate(model_class: Any, checkpoint: Mapping[str, Any]) -> nn.Module:
@@ -425,6 +444,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _cast(key: str, value: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``value`` in the export dtype; a finite value that overflows it (float16 tops out at 65504) is an error."""
+    if dtype is None or not value.is_floating_point() or value.dtype == dtype:
+        return value
+    cast = value.to(dtype)
+    overflow = torch.isfinite(value) & ~torch.isfinite(cast)
+    if bool(overflow.any()):
+        largest = float(value[overflow].abs().max())
+        raise ValueError(
+            f"{key!r} holds {int(overflow.sum())} value(s) up to {largest:.6g} that {dtype} cannot represent (they "
+            f"would become inf). Export with dtype='float32' (or 'bfloat16', which has float32's range)."
+        )
+    return cast
+
+
 def _write_compressed(
     plain: Mapping[str, torch.Tensor], gates: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None
 ) -> None:
@@ -435,7 +469,7 @@ def _write_compressed(
     plain_meta: dict[str, Any] = {}
     for key, value in plain.items():
         value = value.detach().cpu()
-        stored = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        stored = _cast(key, value, dtype)
         if key in gates:
             gate = gates[key].cpu()
             values = stored[gate.expand_as(stored)]
@@ -565,14 +599,31 @@ def _flat_tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
-def _probe_inputs(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """One example sample plus a random one: a constant-channel check on one (often all-zero) sample is weak."""
-    if len(inputs) == 1 and inputs[0].is_floating_point() and inputs[0].dim() >= 1 and len(inputs[0]) >= 1:
-        x = inputs[0][:1]
-        generator = torch.Generator().manual_seed(0)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        return (torch.cat([x, noise]),)
-    return inputs
+def _probe_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The example's first sample plus random ones, for every input at once: a constant-channel check on one (often
+    all-zero) sample is weak, a unit fed by a zeroed second input looks constant on it, and a unit that a ReLU
+    silences for one sign of an input looks constant on one random sample; eight make that unlikely.
+
+    Inputs that are not floating point repeat their first sample. When the model cannot run the batch (an input
+    without a batch dimension), the example itself is the probe."""
+    if not inputs or not all(t.dim() >= 1 and len(t) >= 1 for t in inputs):
+        return inputs
+    generator = torch.Generator().manual_seed(0)
+    probe = []
+    for tensor in inputs:
+        first = tensor[:1]
+        if tensor.is_floating_point():
+            shape = (_RANDOM_PROBES, *first.shape[1:])
+            rest = torch.randn(shape, generator=generator, dtype=first.dtype).to(first.device)
+        else:
+            rest = first.expand(_RANDOM_PROBES, *first.shape[1:])
+        probe.append(torch.cat([first, rest]))
+    try:
+        with torch.no_grad():
+            _call(model, tuple(probe))
+    except Exception:
+        return inputs
+    return tuple(probe)
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -623,7 +674,7 @@ class _Shrinker:
         self.tp = tp
         self.model = model
         self.inputs = inputs
-        self.probe = _probe_inputs(inputs)
+        self.probe = _probe_inputs(model, inputs)
         self.names = {module: name for name, module in model.named_modules()}
         self.added_bias: list[str] = []
         self.kept_for_exactness = 0
@@ -917,7 +968,7 @@ def shrink_model(
 
     Channels that reach the model's output, and groups that hold ops the graph cannot reason about (grouped
     convolutions, LayerNorm...), are kept. The model's own input features are never removed. The result (in eval
-    mode) is checked against the masked model on ``example_input`` plus a random batch.
+    mode) is checked against the masked model on ``example_input`` plus random samples.
 
     Args:
         model: a masked model (or a plain one whose zero rows/columns should be removed); not modified.
@@ -1064,6 +1115,8 @@ def load_shrunk(
         model = model_factory_or_instance(**(payload.get("hyper_parameters") or {}))
     else:
         model = model_factory_or_instance()
+    if isinstance(payload.get("activation_swap"), Mapping):
+        _apply_recorded_swap(model, payload["activation_swap"])  # dead-unit constants were folded through it
     model = replay_shrink(model, record)
     problem = _describe_mismatch(model.state_dict(), payload["state_dict"], "the rebuilt model")
     if problem:
@@ -1200,7 +1253,13 @@ def _export(
         state_dict = module.state_dict()
     else:
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
-            checkpoint = _load_checkpoint_file(Path(model_or_checkpoint), accepts_model=True)
+            source = Path(model_or_checkpoint)
+            if path.exists() and source.exists() and os.path.samefile(path, source):
+                raise ValueError(
+                    f"Cannot export to {str(path)!r}: it is the checkpoint being exported, which would be replaced "
+                    "and its masks, optimizer state and training progress lost. Give another output path."
+                )
+            checkpoint = _load_checkpoint_file(source, accepts_model=True)
         elif isinstance(model_or_checkpoint, Mapping):
             checkpoint = model_or_checkpoint
         else:
@@ -1225,10 +1284,7 @@ def _export(
     )
     with _atomic_target(path) as tmp:
         if format in ("safetensors", "state_dict"):
-            out = {
-                k: (v.detach().cpu().to(value_dtype) if value_dtype and v.is_floating_point() else v.detach().cpu())
-                for k, v in plain.items()
-            }
+            out = {k: _cast(k, v.detach().cpu(), value_dtype) for k, v in plain.items()}
             if format == "state_dict":
                 torch.save(out, tmp)
             else:
@@ -1266,6 +1322,7 @@ def _export(
                     "state_dict": {k: v.detach().cpu() for k, v in target.state_dict().items()},
                     "hyper_parameters": hparams if hparams and _json_safe(hparams) else None,
                     "density": density,
+                    "activation_swap": _swap_record(module),
                 }
                 torch.save(payload, tmp)
             else:
@@ -1316,6 +1373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + SUFFIXES[args.format])
+    if not args.output and output.name == checkpoint.name:  # run.pt --format state_dict: never the checkpoint itself
+        output = checkpoint.with_name(checkpoint.stem + ".pruned" + SUFFIXES[args.format])
     model_class = _import_object(args.model_class) if args.model_class else None
     example = None
     if args.input_shape:

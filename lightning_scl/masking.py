@@ -403,6 +403,33 @@ def has_masks(module: nn.Module) -> bool:
     return next(iter_masks(module), None) is not None
 
 
+def _refuse_partly_tied(module: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """A weight tied to a module outside ``layers`` would be masked in one place and used whole in the other, and
+    an export could keep only one of the two (the last key loaded wins): refuse before anything is registered."""
+    selected = {id(layer) for _, layer in layers}
+    wanted = {
+        id(layer.weight): name
+        for name, layer in layers
+        if _connectivity_mask_of(layer) is None and isinstance(getattr(layer, "weight", None), nn.Parameter)
+    }
+    if not wanted:
+        return
+    for holder_name, holder in module.named_modules():
+        if isinstance(holder, parametrize.ParametrizationList):
+            continue  # a masked layer's own 'original'
+        for attr, param in holder._parameters.items():
+            if param is None or id(param) not in wanted or (id(holder) in selected and attr == "weight"):
+                continue
+            layer_name = wanted[id(param)]
+            other = f"{holder_name}.{attr}" if holder_name else attr
+            raise ValueError(
+                f"Layer {layer_name!r} shares (ties) its weight with {other!r}, which is not being masked: "
+                f"{other!r} would keep using the whole weight while {layer_name!r} uses the masked one, and exports "
+                f"could not hold both. Exclude {layer_name!r} from masking (e.g. "
+                f"SparseConnectivityLearning(exclude=[{layer_name!r}])), mask both layers, or untie the weights."
+            )
+
+
 def inject_masks(
     module: nn.Module,
     layers: list[tuple[str, nn.Module]] | None = None,
@@ -435,6 +462,7 @@ def inject_masks(
         from lightning_scl.targets import select_layers
 
         layers = select_layers(module)
+    _refuse_partly_tied(module, layers)
     by_weight: dict[int, ConnectivityMask] = {}
     for _, layer, mask in iter_masks(module):
         by_weight[id(layer.parametrizations.weight.original)] = mask
@@ -444,8 +472,9 @@ def inject_masks(
         weight = layer.weight
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(
-                f"Layer {name!r} has an uninitialized (lazy) weight. Run one forward pass (or set "
-                "example_input_array) before masks are injected, or exclude the layer."
+                f"Layer {name!r} has an uninitialized (lazy) weight. Run one forward pass before masks are injected "
+                "(SparseConnectivityLearning runs the LightningModule's example_input_array when it is set), or "
+                "exclude the layer."
             )
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(
@@ -513,6 +542,7 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     """
     folded: dict[str, tuple[str, torch.Tensor]] = {}  # layer prefix -> (plain key, folded tensor)
     mask_keys: set[str] = set()
+    folded_keys: set[str] = set()
     for key, value in state_dict.items():
         match = _ORIGINAL_KEY.match(key)
         if match is None:
@@ -520,8 +550,9 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         prefix, tensor = match["prefix"], match["tensor"]
         mask_key = f"{prefix}parametrizations.{tensor}.0.mask"
         if mask_key not in state_dict:
-            raise KeyError(f"{key!r} has no mask entry {mask_key!r}: not a lightning_scl masked state_dict")
+            continue  # another parametrization (spectral_norm, orthogonal...): the original class has it too
         mask_keys.add(mask_key)
+        folded_keys.add(key)
         folded[prefix] = (f"{prefix}{tensor}", torch.where(state_dict[mask_key] > 0, value, 0.0))
     # A plain module lists its weight before its bias: emit each folded weight where its layer's keys start.
     out: dict[str, torch.Tensor] = {}
@@ -530,7 +561,7 @@ def fold_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         for prefix in [p for p in pending if key.startswith(p)]:
             plain_key, tensor = pending.pop(prefix)
             out[plain_key] = tensor
-        if key not in mask_keys and not _ORIGINAL_KEY.match(key):
+        if key not in mask_keys and key not in folded_keys:
             out[key] = value
     return out
 

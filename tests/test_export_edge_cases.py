@@ -1,0 +1,178 @@
+"""Exports and accounting on the models that trip pruning tools: swapped activations saved in checkpoints, tied
+weights, other parametrizations, multi-input models, attention and recurrent layers, values float16 cannot hold,
+and an export path that would overwrite the checkpoint it reads."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from lightning_scl import ELUSwap, SparseConnectivityLearning
+from lightning_scl.accounting import SparsityAccountant, sparsity_report
+from lightning_scl.export import export_pruned, load_masked_checkpoint, load_pruned, load_shrunk, main, shrink_model
+from lightning_scl.masking import fold_state_dict, inject_masks
+from tests.conftest import MLP, loader, quiet_trainer
+
+
+def _trained_elu_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = MLP()
+    scl = SparseConnectivityLearning(lam=0.5, granularity="channel", report=False)
+    trainer = quiet_trainer(max_steps=6, callbacks=[scl, ELUSwap()])
+    trainer.fit(model, loader())
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    return model.eval(), path
+
+
+def test_a_checkpoint_trained_with_elu_exports_the_elu_model(tmp_path):
+    model, path = _trained_elu_checkpoint(tmp_path)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        reference = model(x)
+        rebuilt = load_masked_checkpoint(path, MLP).eval()
+        assert isinstance(rebuilt.net[1], nn.ELU)
+        assert torch.allclose(rebuilt(x), reference, atol=1e-6)
+        shrunk_path = export_pruned(path, tmp_path / "run.shrunk.pt", format="shrunk", model_class=MLP)
+        small = load_shrunk(shrunk_path, MLP)
+        assert isinstance(small.net[1], nn.ELU)
+        assert torch.allclose(small(x), reference, atol=1e-5)
+
+
+def test_the_shrunk_export_of_an_elu_model_in_memory_reloads_as_elu(tmp_path):
+    model, _ = _trained_elu_checkpoint(tmp_path)
+    x = torch.randn(8, 16)
+    path = export_pruned(model, tmp_path / "m.shrunk.pt", format="shrunk")
+    with torch.no_grad():
+        assert torch.allclose(load_shrunk(path, MLP)(x), model(x), atol=1e-5)
+
+
+def test_exporting_onto_the_checkpoint_itself_is_refused_and_the_cli_picks_another_name(tmp_path):
+    torch.manual_seed(0)
+    model = MLP()
+    trainer = quiet_trainer(max_steps=2, callbacks=[SparseConnectivityLearning(lam=0.1, report=False)])
+    trainer.fit(model, loader())
+    checkpoint = tmp_path / "last.pt"
+    trainer.save_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="it is the checkpoint being exported"):
+        export_pruned(checkpoint, checkpoint, format="state_dict")
+    assert main([str(checkpoint), "--format", "state_dict"]) == 0
+    assert "optimizer_states" in torch.load(checkpoint, weights_only=True)  # still the training checkpoint
+    assert sorted(torch.load(tmp_path / "last.pruned.pt", weights_only=True)) == sorted(MLP().state_dict())
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.mid = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+def test_masking_one_side_of_a_tied_weight_is_an_error_naming_both():
+    net = TiedLM()
+    with pytest.raises(ValueError, match=r"'head' shares \(ties\) its weight with 'emb.weight'.*exclude=\['head'\]"):
+        inject_masks(net)
+    assert not any("parametrizations" in key for key in net.state_dict())  # nothing registered half way
+    masks = inject_masks(net, layers=[("mid", net.mid)])  # the fix the message gives
+    assert sorted(masks) == ["mid"]
+
+
+class TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize(("granularity", "effective"), [("weight", 16 + 16), ("channel", 16 + 4)])
+def test_tied_masked_layers_count_their_weight_once_and_their_flops_each(granularity, effective, tmp_path):
+    net = TiedPair()
+    masks = inject_masks(net, granularity=granularity)
+    with torch.no_grad():
+        if granularity == "weight":
+            masks["a"].mask[:, :6] = -1.0  # 16 of 64 connections kept
+        else:
+            masks["a"].mask[:6] = -1.0  # 2 of 8 outputs kept: b sees 2 live inputs, keeps 2 outputs
+    report = SparsityAccountant(net, torch.randn(2, 8)).report()
+    assert report.totals.params_total == 64 + 8 + 8
+    assert report.totals.connections_total == 64 and report.totals.connections_kept == 16
+    assert {r.name: r.effective_flops for r in report.rows} == {"a": 16, "b": effective - 16}
+    assert all(r.kept >= 0 for r in report.rows)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "tied.ckpt")
+    from_tensors = sparsity_report(tmp_path / "tied.ckpt").totals
+    assert (from_tensors.params_total, from_tensors.connections_total) == (80, 64)
+    assert from_tensors.connections_kept == 16
+
+
+def test_another_parametrization_passes_through_the_export():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), spectral_norm(nn.Linear(4, 2)))
+    inject_masks(net, layers=[("0", net[0])])
+    folded = fold_state_dict(net.state_dict())
+    assert "2.parametrizations.weight.original" in folded and "0.weight" in folded
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), spectral_norm(nn.Linear(4, 2)))
+    plain.load_state_dict(folded, strict=True)
+
+
+class FiLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x, scale):
+        return self.fc2(torch.relu(self.fc1(x) * scale))
+
+
+def test_shrinking_a_two_input_model_from_a_zero_example_stays_exact():
+    torch.manual_seed(0)
+    net = FiLM()
+    masks = inject_masks(net, granularity="channel")
+    with torch.no_grad():
+        masks["fc1"].mask[:6] = -1.0  # dead units: their output is relu(bias * scale), not a constant
+    small, _ = shrink_model(net, (torch.zeros(4, 8), torch.zeros(4, 1)))
+    x, scale = torch.randn(5, 8), torch.rand(5, 1) + 0.5
+    with torch.no_grad():
+        assert torch.allclose(small(x, scale), net.eval()(x, scale), atol=1e-6)
+        assert torch.allclose(small(x, -scale), net(x, -scale), atol=1e-6)
+
+
+def test_attention_flops_include_its_projections_and_say_what_is_not_followed():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    inject_masks(layer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = sparsity_report(layer, example_input=torch.randn(1, 10, 16))
+    # in_proj 10*16*48, out_proj 10*16*16, q@k and weights@v 2*10*10*16, feed-forward 2*10*16*32, two norms 10*16*5 each
+    assert report.totals.dense_flops == 7680 + 2560 + 3200 + 10240 + 1600
+    assert any("self_attn.out_proj" in str(w.message) for w in caught)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_recurrent_layers_fvcore_cannot_count_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"aten::lstm \(x1\)"):
+        sparsity_report(nn.LSTM(4, 8), example_input=torch.randn(3, 1, 4))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "compressed"])
+def test_a_float16_export_refuses_values_float16_cannot_hold(fmt, tmp_path):
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    inject_masks(net, layers=[("0", net[0])])
+    net[1].running_var.fill_(1.0e5)
+    with pytest.raises(ValueError, match=r"'1.running_var' holds 4 value\(s\) up to 100000.*dtype='float32'"):
+        export_pruned(net, tmp_path / f"a.{fmt}", format=fmt, dtype="float16")
+    assert not list(tmp_path.iterdir())  # nothing half written
+    path = export_pruned(net, tmp_path / "a.safetensors", format="safetensors", dtype="bfloat16")
+    assert torch.isfinite(load_pruned(path)["1.running_var"]).all()
