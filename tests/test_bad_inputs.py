@@ -219,6 +219,48 @@ def export_onto_folder(tmp: Path) -> Trigger:
     return functools.partial(export_pruned, _masked_net(), tmp / "exports")
 
 
+def export_onto_its_checkpoint(tmp: Path) -> Trigger:
+    path = _masked_checkpoint(tmp).rename(tmp / "last.pt")
+    return functools.partial(export_pruned, path, path, format="state_dict")
+
+
+def export_fp16_overflow(tmp: Path) -> Trigger:
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    inject_masks(net, layers=[("0", net[0])])
+    net[1].running_var.fill_(1.0e5)
+    return functools.partial(export_pruned, net, tmp / "model.safetensors", dtype="float16")
+
+
+def mask_tied_weight(tmp: Path) -> Trigger:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    return functools.partial(inject_masks, TiedLM())
+
+
+def epoch_freeze_before_ramp_end(tmp: Path) -> Trigger:
+    from tests.conftest import loader, quiet_trainer
+
+    scl = SparseConnectivityLearning(target_density=0.1, freeze_masks_at=1, report=False)
+    trainer = quiet_trainer(max_epochs=4, default_root_dir=tmp, callbacks=[scl])
+    return functools.partial(trainer.fit, _mlp()(), loader(n=32))
+
+
+def masks_with_another_ste(tmp: Path) -> Trigger:
+    from tests.conftest import loader, quiet_trainer
+
+    model = _mlp()()
+    first = quiet_trainer(max_steps=1, default_root_dir=tmp, callbacks=[SparseConnectivityLearning(report=False)])
+    first.fit(model, loader(n=32))
+    scl = SparseConnectivityLearning(ste="softplus", report=False)
+    second = quiet_trainer(max_steps=1, default_root_dir=tmp, callbacks=[scl])
+    return functools.partial(second.fit, model, loader(n=32))
+
+
 def export_other_architecture(tmp: Path) -> Trigger:
     return functools.partial(
         export_pruned, _masked_checkpoint(tmp), tmp / "model.safetensors", model_class=_other_architecture()
@@ -477,6 +519,39 @@ CASES: list[Case] = [
         todo="Freeze after the ramp: `freeze_masks_at` greater than `ramp_end`, or `None` to never freeze.",
     ),
     Case(
+        id="scl-epoch-freeze-before-ramp-end",
+        did="`SparseConnectivityLearning(target_density=0.1, freeze_masks_at=1)` with `Trainer(max_epochs=4)`",
+        make=epoch_freeze_before_ramp_end,
+        raises=ValueError,
+        problem=r"freeze the masks before the density schedule reaches target_density",
+        fix=r"give a later epoch \(e\.g\. 3\) or None",
+        says="ValueError: freeze_masks_at=1 (epoch) of max_epochs=4 would freeze the masks before the density "
+        "schedule reaches target_density at ramp_end=0.5 (epoch 2): give a later epoch (e.g. 3) or None.",
+        todo="Freeze after the ramp: an epoch past `ramp_end * max_epochs`, or `None` to never freeze.",
+    ),
+    Case(
+        id="scl-masks-with-another-ste",
+        did='A second `fit` of an SCL-trained model with `SparseConnectivityLearning(ste="softplus")`',
+        make=masks_with_another_ste,
+        raises=ValueError,
+        problem=r"already carries a mask with ste='identity'",
+        fix=r"Use the settings the masks were made with, or fold them first",
+        says="ValueError: Layer 'net.0' already carries a mask with ste='identity' (slope 0.1) but this callback "
+        "uses ste='softplus' (ste_slope 0.1).",
+        todo="Continue with the estimator the masks were made with, or `strip_masks(model)` to fold them and start "
+        "new masks.",
+    ),
+    Case(
+        id="scl-tied-weight",
+        did="Masking a `Linear` head whose weight is tied to an `Embedding` (default layer selection)",
+        make=mask_tied_weight,
+        raises=ValueError,
+        problem=r"'head' shares \(ties\) its weight with 'emb.weight', which is not being masked",
+        fix=r"Exclude 'head' from masking",
+        says="ValueError: Layer 'head' shares (ties) its weight with 'emb.weight', which is not being masked",
+        todo='Keep the tied layer dense: `SparseConnectivityLearning(exclude=["head"])`; or untie the weights.',
+    ),
+    Case(
         id="scl-negative-fan-in-exponent",
         did="`SparseConnectivityLearning(fan_in_exponent=-1)`",
         make=call(SparseConnectivityLearning, fan_in_exponent=-1),
@@ -609,6 +684,26 @@ CASES: list[Case] = [
         fix=r"give a file path",
         says="IsADirectoryError: [Errno 21] Cannot export to 'exports': it is a directory; give a file path",
         todo="Give a file name inside it: `exports/model.safetensors`.",
+    ),
+    Case(
+        id="export-onto-its-checkpoint",
+        did='`export_pruned("last.pt", "last.pt", format="state_dict")`: the output is the checkpoint itself',
+        make=export_onto_its_checkpoint,
+        raises=ValueError,
+        problem=r"it is the checkpoint being exported",
+        fix=r"Give another output path",
+        says="ValueError: Cannot export to 'last.pt': it is the checkpoint being exported",
+        todo="Write the export to another file; `lightning-scl export last.pt -f state_dict` writes `last.pruned.pt`.",
+    ),
+    Case(
+        id="export-float16-overflow",
+        did='`export_pruned(model, path, dtype="float16")` with a value above 65504 (a BatchNorm variance)',
+        make=export_fp16_overflow,
+        raises=ValueError,
+        problem=r"cannot represent \(they would become inf\)",
+        fix=r"Export with dtype='float32'",
+        says="ValueError: '1.running_var' holds 4 value(s) up to 100000 that torch.float16 cannot represent",
+        todo="Export in `float32`, or `bfloat16` (float32's range, fewer digits).",
     ),
     Case(
         id="export-other-architecture",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -105,6 +105,28 @@ def with_mask_units(policy: Any) -> Any:
         f"SparseConnectivityLearning cannot extend the FSDP auto_wrap_policy {policy!r}: pass a set of module "
         "classes, a ModuleWrapPolicy, a CustomPolicy or a callable policy, and include ConnectivityMask."
     )
+
+
+def _materialize_lazy_layers(pl_module: L.LightningModule) -> None:
+    """Give lazy layers their shapes with one forward pass on ``example_input_array``, so they can be masked."""
+    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in pl_module.parameters()):
+        return
+    example = getattr(pl_module, "example_input_array", None)
+    if example is None:
+        return  # inject_masks names the layer and the fix
+    modes = [(m, m.training) for m in pl_module.modules()]
+    pl_module.eval()  # no batch-norm statistics from a made-up batch
+    try:
+        with torch.no_grad():
+            if isinstance(example, Mapping):
+                pl_module(**example)
+            elif isinstance(example, (tuple, list)):
+                pl_module(*example)
+            else:
+                pl_module(example)
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
@@ -226,7 +248,7 @@ class SparseConnectivityLearning(Callback):
         mask_lr: float = 0.01,
         mask_momentum: float = 0.9,
         mask_lr_schedule: str = "constant",
-        freeze_masks_at: float | int | None = 0.7,
+        freeze_masks_at: int | float | None = 0.7,
         ramp_end: float = 0.5,
         exact_density: bool = True,
         controller_gain: float = 100.0,
@@ -307,6 +329,7 @@ class SparseConnectivityLearning(Callback):
         self.lam = float(0.1 if lam is None and target_density is None else (lam or 0.0))
         if self.target_density is not None:
             self.lam = 0.01  # starting point for the controller; it grows as the schedule asks for sparsity
+        self._initial_lam = self.lam
         self.granularity = granularity
         self.mask_init = float(mask_init)
         self.ste = ste
@@ -346,6 +369,8 @@ class SparseConnectivityLearning(Callback):
         self._batched_step = False
         self._force_batched_step: bool | None = None  # tests: the batched mask step on the CPU too
         self._decayed_originals: list[str] | None = None
+        self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight, if several
+        self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
         self.steps_skipped_nonfinite = 0
@@ -378,6 +403,7 @@ class SparseConnectivityLearning(Callback):
     # ------------------------------------------------------------------ injection
 
     def _inject(self, pl_module: L.LightningModule) -> None:
+        _materialize_lazy_layers(pl_module)
         layers = select_layers(pl_module, self.layer_types, self.include, self.exclude)
         inject_masks(
             pl_module, layers, granularity=self.granularity, init=self.mask_init, ste=self.ste, slope=self.ste_slope
@@ -394,6 +420,13 @@ class SparseConnectivityLearning(Callback):
                 raise ValueError(
                     f"Layer {name!r} already carries a {mask.granularity!r}-granularity mask but this callback uses "
                     f"granularity={self.granularity!r}. Use the granularity the model was trained with."
+                )
+            # the task gradient would use the mask's estimator and the regularizer this callback's
+            if mask.ste != self.ste or (self.ste == "leaky_relu" and mask.slope != self.ste_slope):
+                raise ValueError(
+                    f"Layer {name!r} already carries a mask with ste={mask.ste!r} (slope {mask.slope:g}) but this "
+                    f"callback uses ste={self.ste!r} (ste_slope {self.ste_slope:g}). Use the settings the masks were "
+                    "made with, or fold them first (lightning_scl.masking.strip_masks) to start new masks."
                 )
 
     def _wrap_method(self, pl_module: L.LightningModule, name: str, after: Any = None, before: Any = None) -> None:
@@ -495,7 +528,8 @@ class SparseConnectivityLearning(Callback):
         mask_ids = {id(mask.mask) for mask in self._masks.values()}
         for optimizer in _optimizers_in(result):
             for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in mask_ids]
+                # in place: LBFGS keeps a reference to its group's list
+                group["params"][:] = [p for p in group["params"] if id(p) not in mask_ids]
         return result
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -518,8 +552,12 @@ class SparseConnectivityLearning(Callback):
                 "SparseConnectivityLearning found no masks at fit start. If the model's layers are created outside "
                 "setup/configure_model, create them in LightningModule.__init__, setup or configure_model."
             )
+        self._keep_masks_float32(trainer, pl_module)
         params = [mask.mask for mask in self._masks.values()]
         self._decayed_originals = None
+        self._owners, self._stepped_for = None, None
+        if self._pending_state is None and trainer.global_step == 0:
+            self._reset_training_state()  # a callback used for an earlier fit starts afresh
         fsdp_reporter = self._reporter if _has_fsdp_units(pl_module) else None  # made before FSDP wrapped the model
         if self.report or self.regularizer == "flops":
             self._reporter = fsdp_reporter or SCLReporter(pl_module)
@@ -552,6 +590,15 @@ class SparseConnectivityLearning(Callback):
                     "Mask variables were found in a user optimizer that bypassed configure_optimizers; removed them "
                     "so only the mask optimizer updates them (no weight decay)."
                 )
+        freeze, epochs = self.freeze_masks_at, trainer.max_epochs
+        by_epoch = self.target_density is not None and isinstance(freeze, int) and epochs and epochs > 0
+        if by_epoch and freeze / epochs <= self.ramp_end:
+            raise ValueError(
+                f"freeze_masks_at={freeze} (epoch) of max_epochs={epochs} would freeze the masks before the "
+                f"density schedule reaches target_density at ramp_end={self.ramp_end} (epoch "
+                f"{self.ramp_end * epochs:g}): give a later epoch (e.g. {math.floor(self.ramp_end * epochs) + 1}"
+                ") or None."
+            )
         if self.target_density is not None or self.freeze_masks_at is not None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total) and (
@@ -570,10 +617,34 @@ class SparseConnectivityLearning(Callback):
             + (", freed CPU memory retained (retain_freed_memory)" if self._retained_freed_memory else "")
         )
 
+    def _keep_masks_float32(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``precision="bf16-true"``/``"16-true"`` casts every parameter, the masks included: small mask updates would
+        round away (a bfloat16 mask at 2.0 never moves with mask_lr 0.01). Put them back to float32."""
+        halved = [mask for mask in self._masks.values() if mask.mask.dtype != torch.float32]
+        if not halved:
+            return
+        if trainer.world_size > 1 or _has_fsdp_units(pl_module):
+            raise ValueError(
+                f"The precision plugin cast the masks to {halved[0].mask.dtype} (precision={trainer.precision!r}); "
+                "in that precision their small updates round away. With several processes they cannot be cast back "
+                "after the strategy wrapped the model: use a mixed precision (e.g. 'bf16-mixed') instead."
+            )
+        for mask in halved:
+            mask.mask.data = mask.mask.data.float()
+
+    def _reset_training_state(self) -> None:
+        self._frozen = False
+        self._trend = 0.0
+        self._prev_log_density = None
+        self._reg_scales = None
+        self.steps_skipped_nonfinite = 0
+        self.lam = self._initial_lam
+
     def _load_pending_state(self) -> None:
         state = self._pending_state or {}
         self._pending_state = None
-        self.lam = float(state.get("lam", self.lam))
+        if self.target_density is not None:  # the controller's state; a fixed lam is the constructor's, as mask_lr
+            self.lam = float(state.get("lam", self.lam))
         self._trend = float(state.get("trend", 0.0))
         self._prev_log_density = state.get("prev_log_density")
         self._frozen = bool(state.get("frozen", False))
@@ -626,7 +697,17 @@ class SparseConnectivityLearning(Callback):
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             return 0.0
-        return min(1.0, trainer.global_step / total)
+        if trainer.lightning_module.automatic_optimization:
+            return min(1.0, trainer.global_step / total)
+        # manual optimization: global_step counts every optimizer.step(), several per batch for a GAN; training ends
+        # at max_steps or after the epochs' batches, whichever comes first
+        fractions = []
+        if trainer.max_steps > 0:
+            fractions.append(trainer.global_step / trainer.max_steps)
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if epochs and epochs > 0 and math.isfinite(batches) and batches > 0:
+            fractions.append(trainer.fit_loop.epoch_loop.total_batch_idx / (batches * epochs))
+        return min(1.0, max(fractions)) if fractions else 0.0
 
     def _should_freeze(self, trainer: L.Trainer) -> bool:
         if self.freeze_masks_at is None:
@@ -725,13 +806,18 @@ class SparseConnectivityLearning(Callback):
     ) -> None:
         if self._mask_optimizer is None:
             return
+        step = trainer.global_step
+        if self._stepped_for == (step, id(optimizer)):
+            # a closure optimizer (LBFGS) runs the closure, and this hook, several times per step: one mask step
+            self._drop_mask_gradients(self._masks_for(trainer, optimizer))
+            return
+        self._stepped_for = (step, id(optimizer))
         if not self._frozen and self._should_freeze(trainer):
             self._frozen = True
             self._set_mask_gradients(trainer)
             rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
             if self.exact_density and self.target_density is not None:
                 self._snap_to_target_density()
-        step = trainer.global_step
         log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
         if self._frozen:
             self._drop_mask_gradients()
@@ -739,7 +825,14 @@ class SparseConnectivityLearning(Callback):
                 kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
                 self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module))
             return
-        masks = list(self._masks.values())
+        active = self._masks_for(trainer, optimizer)
+        # Several optimizers (manual optimization): this step trains the masks of the weights this optimizer steps.
+        # The others keep their gradients for their own optimizer, unless their weights are frozen now (e.g. by
+        # toggle_optimizer), whose gradients the task does not mean for them.
+        others = {name: mask for name, mask in self._masks.items() if name not in active}
+        self._drop_mask_gradients({n: m for n, m in others.items() if not self._originals[n].requires_grad})
+        stashed = {name: mask.mask.grad for name, mask in others.items()}
+        masks = list(active.values())
         if all(mask.mask.grad is None for mask in masks):
             return
         if self.mask_lr_schedule == "cosine":
@@ -755,7 +848,8 @@ class SparseConnectivityLearning(Callback):
         statistic = self.normalize if self.normalize != "none" else "max_abs"
         count_now = self.target_density is not None or log_now
         kept_by_layer: dict[str, torch.Tensor] = {}
-        if self._batched_step:
+        batched = self._batched_step and not others
+        if batched:
             host_stats, kept_by_layer = self._batched_statistics_and_counts(masks, statistic, count_now)
             finite = all(math.isfinite(v) for v in host_stats)
         else:
@@ -771,11 +865,11 @@ class SparseConnectivityLearning(Callback):
                     "SparseConnectivityLearning: non-finite mask gradients; skipped the mask update for this step "
                     "(masks and lambda unchanged). Further skips are counted in `steps_skipped_nonfinite`."
                 )
-            self._drop_mask_gradients()
+            self._drop_mask_gradients(active)
             return
 
         # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
-        if count_now and not self._batched_step:
+        if count_now and not batched:
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
         if self.target_density is not None:
             self._update_lambda(
@@ -785,14 +879,14 @@ class SparseConnectivityLearning(Callback):
         # The normalization makes the task gradient scale-free, so AMP's loss scale only matters without it.
         amp_scale = self._gradient_scale(trainer) if self.normalize == "none" else 1.0
         identity_proxy = self.ste == "identity"
-        if self._batched_step:
+        if batched:
             grads = [mask.mask.grad for mask in masks]
             tiny = torch.finfo(torch.float32).tiny  # all-zero gradients stay zero, as in _inverse_statistic
             inverses = [1 / max(v, tiny) if self.normalize != "none" else 1 / amp_scale for v in host_stats]
             torch._foreach_mul_(grads, inverses)
             torch._foreach_add_(grads, [self.lam * scales[name] for name in self._masks])
         else:
-            for (name, mask), stat in zip(self._masks.items(), stats):
+            for (name, mask), stat in zip(active.items(), stats):
                 grad = mask.mask.grad
                 inverse = (
                     _inverse_statistic(stat) if self.normalize != "none" else stat.new_full(stat.shape, 1 / amp_scale)
@@ -803,16 +897,20 @@ class SparseConnectivityLearning(Callback):
                 if not identity_proxy and pressure > 0:
                     proxy = ste_derivative(mask.mask.detach(), self.ste, self.ste_slope)
                     grad.add_(proxy * pressure if not isinstance(proxy, float) else pressure)
+        for mask in others.values():  # SGD skips a parameter without a gradient, momentum included
+            mask.mask.grad = None
         self._mask_optimizer.step()
+        for name, mask in others.items():
+            mask.mask.grad = stashed[name]
         # The fused CPU kernel writes the masks without bumping their version counters: bump them, so autograd's
         # saved-tensor checks and the masks' cached gates (keyed on the version) see the change.
         increment_version([mask.mask for mask in masks])
-        self._drop_mask_gradients()
+        self._drop_mask_gradients(active)
 
         if self.min_density_per_layer > 0:
             self._apply_density_floor()
         if self.protect_pruned_weights:
-            self._snapshot_pruned_weights(trainer)
+            self._snapshot_pruned_weights(trainer, active)
         if log_now:
             self._log_counts(pl_module, step, kept_by_layer, scales)
 
@@ -849,10 +947,25 @@ class SparseConnectivityLearning(Callback):
         }
         return stats, kept
 
-    def _drop_mask_gradients(self) -> None:
+    def _drop_mask_gradients(self, masks: dict[str, ConnectivityMask] | None = None) -> None:
         # what the mask optimizer's zero_grad(set_to_none=True) does, without its per-call profiling overhead
-        for mask in self._masks.values():
+        for mask in (self._masks if masks is None else masks).values():
             mask.mask.grad = None
+
+    def _masks_for(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> dict[str, ConnectivityMask]:
+        """The masks whose weights ``optimizer`` steps (with masks on weights no optimizer holds): all of them unless
+        the masked weights are spread over several optimizers (manual optimization)."""
+        if self._owners is None:  # the user's param groups are fixed once fit has started
+            owners: dict[str, int] = {}
+            for opt in trainer.optimizers:
+                held = {id(p) for group in opt.param_groups for p in group["params"]}
+                for name, original in self._originals.items():
+                    if id(original) in held:
+                        owners.setdefault(name, id(opt))
+            self._owners = owners if len(set(owners.values())) > 1 else {}
+        if not self._owners:
+            return self._masks
+        return {name: m for name, m in self._masks.items() if self._owners.get(name, id(optimizer)) == id(optimizer)}
 
     def _kept_and_density(self, kept_by_layer: dict[str, torch.Tensor]) -> tuple[float, float]:
         kept = float(torch.stack(list(kept_by_layer.values())).sum())  # one host sync for all layers
@@ -964,7 +1077,7 @@ class SparseConnectivityLearning(Callback):
                 "freeze_masks_at (or raise mask_lr / controller_gain), or set exact_density=False."
             )
 
-    def _snapshot_pruned_weights(self, trainer: L.Trainer) -> None:
+    def _snapshot_pruned_weights(self, trainer: L.Trainer, active: dict[str, ConnectivityMask]) -> None:
         if self._decayed_originals is None:  # the user's param groups are fixed once fit has started
             decayed = {
                 id(p)
@@ -974,12 +1087,18 @@ class SparseConnectivityLearning(Callback):
                 for p in g["params"]
             }
             self._decayed_originals = [name for name, original in self._originals.items() if id(original) in decayed]
-        originals = [self._originals[name].detach() for name in self._decayed_originals]
+        names = self._decayed_originals
+        previous = self._weight_snapshot or []
+        if active is not self._masks:
+            # another optimizer's weights were saved before it stepped this batch: keep those, add this one's
+            taken = {id(original) for original, _, _ in previous}
+            names = [n for n in names if n in active and id(self._originals[n]) not in taken]
+        else:
+            previous = []
+        originals = [self._originals[name].detach() for name in names]
         # batched: one multi-tensor kernel copies them all (``* 1.0`` is exact, signed zeros included)
         copies = torch._foreach_mul(originals, 1.0) if self._batched_step else [o.clone() for o in originals]
-        snapshot = [
-            (self._originals[name], copy, self._masks[name]) for name, copy in zip(self._decayed_originals, copies)
-        ]
+        snapshot = previous + [(self._originals[name], copy, self._masks[name]) for name, copy in zip(names, copies)]
         self._weight_snapshot = snapshot or None
 
     def on_train_batch_end(

@@ -1,0 +1,225 @@
+"""SparseConnectivityLearning under optimization patterns beyond one optimizer step per batch: GANs (manual
+optimization, two optimizers), closure optimizers (LBFGS), true half precision, reused callbacks and resumed runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+from tests.conftest import MLP, loader, quiet_trainer
+
+
+class StepSpy(SparseConnectivityLearning):
+    """Records, at every mask optimizer step, which masks carry a gradient."""
+
+    def on_fit_start(self, trainer, pl_module):
+        super().on_fit_start(trainer, pl_module)
+        self.stepped: list[set[str]] = []
+        step = self._mask_optimizer.step
+
+        def spy(*args, **kwargs):
+            self.stepped.append({name for name, m in self.masks.items() if m.mask.grad is not None})
+            return step(*args, **kwargs)
+
+        self._mask_optimizer.step = spy
+
+
+class GAN(LightningModule):
+    """Lightning's documented two-optimizer recipe: toggle_optimizer freezes the other network's weights."""
+
+    def __init__(self, weight_decay: float = 0.0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight_decay = weight_decay
+        self.G = nn.Sequential(nn.Linear(4, 8))
+        self.D = nn.Sequential(nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(x.shape[0], 4)
+        self.toggle_optimizer(opt_g)
+        self.manual_backward(-self.D(self.G(z)).mean())
+        opt_g.step()
+        opt_g.zero_grad()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        self.manual_backward(self.D(self.G(z).detach()).mean() - self.D(x).mean())
+        opt_d.step()
+        opt_d.zero_grad()
+        self.untoggle_optimizer(opt_d)
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.SGD(self.G.parameters(), lr=0.01, weight_decay=self.weight_decay),
+            torch.optim.SGD(self.D.parameters(), lr=0.01, weight_decay=self.weight_decay),
+        ]
+
+
+def gan_data(n: int = 16, batch_size: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 8, generator=torch.Generator().manual_seed(0))), batch_size)
+
+
+def test_each_optimizer_of_a_gan_steps_the_masks_of_its_own_weights():
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.0, freeze_masks_at=None, report=False)
+    quiet_trainer(max_steps=4, callbacks=[scl]).fit(GAN(), gan_data())
+    # the generator's step trains G's mask only: D's gradient there came from the generator's loss while D's
+    # weights were frozen by toggle_optimizer, so it is dropped, not applied to D by D's step
+    assert scl.stepped == [{"G.0"}, {"D.0"}, {"G.0"}, {"D.0"}]
+
+
+class SwitchOffHalf(Callback):
+    """Switches off the first half of every masked layer's columns before training."""
+
+    def on_train_start(self, trainer, pl_module):
+        scl = next(c for c in trainer.callbacks if isinstance(c, SparseConnectivityLearning))
+        with torch.no_grad():
+            for mask in scl.masks.values():
+                mask.mask[:, : mask.mask.shape[1] // 2] = -1.0
+
+
+def test_pruned_weights_of_both_gan_networks_keep_their_values_under_weight_decay():
+    torch.manual_seed(0)
+    model = GAN(weight_decay=0.5)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("weight")}
+    scl = SparseConnectivityLearning(lam=0.0, mask_lr=1e-9, freeze_masks_at=None, report=False)
+    quiet_trainer(max_steps=6, callbacks=[scl, SwitchOffHalf()]).fit(model, gan_data())
+    for name in ("G.0", "D.0"):
+        original = getattr(model, name[0])[0].parametrizations.weight.original.detach()
+        half = original.shape[1] // 2
+        key = f"{name[0]}.0.weight"
+        assert torch.equal(original[:, :half], before[key][:, :half]), name  # decay never touched them
+        assert not torch.equal(original[:, half:], before[key][:, half:]), name  # the kept ones trained
+
+
+def test_progress_counts_batches_under_manual_optimization_with_two_optimizers():
+    torch.manual_seed(0)
+    seen: list[tuple[int, bool]] = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch_idx, scl.frozen))
+
+    scl = SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.7, report=False)
+    quiet_trainer(max_epochs=1, callbacks=[scl, Spy()]).fit(GAN(), gan_data(n=80, batch_size=8))
+    # 10 batches, 20 optimizer steps: the freeze comes at 70% of the batches, not of 10 "stepping batches"
+    first_frozen = next(i for i, frozen in seen if frozen)
+    assert first_frozen == 7
+
+
+class LBFGSModel(MLP):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+def test_a_closure_optimizer_gets_one_mask_step_per_optimizer_step():
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.0, freeze_masks_at=None, report=False)
+    trainer = quiet_trainer(max_steps=3, callbacks=[scl])
+    trainer.fit(LBFGSModel(), loader())
+    assert len(scl.stepped) == 3  # LBFGS ran its closure (and the hook) up to 5 times per step
+    mask_ids = {id(m.mask) for m in scl.masks.values()}
+    assert not any(id(p) in mask_ids for p in trainer.optimizers[0]._params)  # LBFGS's own list, not a copy
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_keeps_masks_float32_so_small_updates_land(precision):
+    torch.manual_seed(0)
+
+    class ZeroLoss(MLP):
+        def training_step(self, batch, batch_idx):
+            return (self(batch[0].to(self.dtype)) * 0.0).sum()
+
+    # zero task loss: each step moves every mask by exactly mask_lr * lam, below bfloat16's resolution at 2.0
+    scl = SparseConnectivityLearning(
+        lam=0.3, mask_lr=0.01, mask_momentum=0.0, mask_init=2.0, freeze_masks_at=None, report=False
+    )
+    quiet_trainer(max_steps=10, precision=precision, callbacks=[scl], deterministic=False).fit(ZeroLoss(), loader())
+    for mask in scl.masks.values():
+        assert mask.mask.dtype == torch.float32
+        assert torch.allclose(mask.mask.detach(), torch.full_like(mask.mask, 2.0 - 10 * 0.003), atol=1e-5)
+
+
+def test_a_callback_reused_for_a_new_fit_trains_its_masks_again():
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.5, report=False)
+    quiet_trainer(max_steps=4, callbacks=[scl]).fit(MLP(), loader())
+    assert scl.frozen
+    model = MLP()
+    quiet_trainer(max_steps=4, callbacks=[scl]).fit(model, loader())
+    assert scl.frozen  # froze again at 50%, after training: it did not start frozen
+    moved = [not torch.all(m.mask.detach() == 1.0) for m in scl.masks.values()]
+    assert all(moved)
+
+
+def test_masks_made_with_another_estimator_are_an_error():
+    model = MLP()
+    quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(lam=0.1, report=False)]).fit(model, loader())
+    trainer = quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(ste="softplus", report=False)])
+    with pytest.raises(ValueError, match=r"ste='identity'.*ste='softplus'"):
+        trainer.fit(model, loader())
+
+
+def test_resuming_keeps_a_fixed_lam_from_the_constructor(tmp_path):
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[SparseConnectivityLearning(lam=0.1, report=False)])
+    trainer.fit(MLP(), loader())
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    scl = SparseConnectivityLearning(lam=2.0, freeze_masks_at=None, report=False)
+    quiet_trainer(max_epochs=2, callbacks=[scl]).fit(MLP(), loader(), ckpt_path=tmp_path / "run.ckpt")
+    assert scl.lam == 2.0  # as mask_lr: a fixed setting is the constructor's, only the controller's lam is state
+
+
+def test_an_epoch_freeze_before_the_density_ramp_ends_is_an_error():
+    scl = SparseConnectivityLearning(target_density=0.1, freeze_masks_at=1, ramp_end=0.5, report=False)
+    with pytest.raises(ValueError, match=r"freeze_masks_at=1 \(epoch\) of max_epochs=4.*e\.g\. 3"):
+        quiet_trainer(max_epochs=4, callbacks=[scl]).fit(MLP(), loader())
+
+
+class LazyMLP(MLP):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+
+
+def test_lazy_layers_are_materialized_from_the_example_input_and_masked():
+    model = LazyMLP()
+    scl = SparseConnectivityLearning(lam=0.1, report=False)
+    quiet_trainer(max_steps=2, callbacks=[scl]).fit(model, loader())
+    assert "net.0" in scl.masks and scl.masks["net.0"].mask.shape == (32, 16)
+    fresh = LazyMLP()
+    fresh.example_input_array = None
+    with pytest.raises(ValueError, match=r"uninitialized \(lazy\) weight.*example_input_array"):
+        quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(report=False)]).fit(fresh, loader())
+
+
+@pytest.mark.parametrize(("value", "expected"), [("5", 5), ("0.7", 0.7)])
+def test_freeze_masks_at_from_the_command_line_keeps_its_type(value, expected, tmp_path):
+    from lightning_scl.cli import run_lightning_cli
+
+    cli = run_lightning_cli(
+        [
+            "--data=lightning_scl.data.MNISTDataModule",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks=lightning_scl.SparseConnectivityLearning",
+            f"--trainer.callbacks.init_args.freeze_masks_at={value}",
+        ],
+        run=False,
+    )
+    scl = next(c for c in cli.trainer.callbacks if isinstance(c, SparseConnectivityLearning))
+    assert scl.freeze_masks_at == expected and type(scl.freeze_masks_at) is type(expected)
+
+
+def test_training_step_losses_are_unchanged_by_the_ownership_bookkeeping():
+    """One optimizer (the common case): the mask step sees every mask, as before the multi-optimizer support."""
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.1, freeze_masks_at=None, report=False)
+    quiet_trainer(max_steps=3, callbacks=[scl]).fit(MLP(), loader())
+    assert scl.stepped == [set(scl.masks)] * 3
