@@ -223,3 +223,17 @@ def test_training_step_losses_are_unchanged_by_the_ownership_bookkeeping():
     scl = StepSpy(lam=0.1, freeze_masks_at=None, report=False)
     quiet_trainer(max_steps=3, callbacks=[scl]).fit(MLP(), loader())
     assert scl.stepped == [set(scl.masks)] * 3
+
+
+def test_the_density_controller_updates_once_per_batch_with_two_optimizers():
+    torch.manual_seed(0)
+    calls: list[int] = []
+
+    class Counting(SparseConnectivityLearning):
+        def _update_lambda(self, *args):
+            calls.append(1)
+            super()._update_lambda(*args)
+
+    scl = Counting(target_density=0.5, freeze_masks_at=None, report=False)
+    quiet_trainer(max_epochs=1, callbacks=[scl]).fit(GAN(), gan_data(n=32, batch_size=8))
+    assert len(calls) == 4  # 4 batches, 8 optimizer steps

@@ -371,6 +371,7 @@ class SparseConnectivityLearning(Callback):
         self._decayed_originals: list[str] | None = None
         self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight, if several
         self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
+        self._lambda_batch: int | None = None  # the batch lam was last updated at
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
         self.steps_skipped_nonfinite = 0
@@ -555,7 +556,7 @@ class SparseConnectivityLearning(Callback):
         self._keep_masks_float32(trainer, pl_module)
         params = [mask.mask for mask in self._masks.values()]
         self._decayed_originals = None
-        self._owners, self._stepped_for = None, None
+        self._owners, self._stepped_for, self._lambda_batch = None, None, None
         if self._pending_state is None and trainer.global_step == 0:
             self._reset_training_state()  # a callback used for an earlier fit starts afresh
         fsdp_reporter = self._reporter if _has_fsdp_units(pl_module) else None  # made before FSDP wrapped the model
@@ -829,7 +830,7 @@ class SparseConnectivityLearning(Callback):
         # Several optimizers (manual optimization): this step trains the masks of the weights this optimizer steps.
         # The others keep their gradients for their own optimizer, unless their weights are frozen now (e.g. by
         # toggle_optimizer), whose gradients the task does not mean for them.
-        others = {name: mask for name, mask in self._masks.items() if name not in active}
+        others = {} if active is self._masks else {n: m for n, m in self._masks.items() if n not in active}
         self._drop_mask_gradients({n: m for n, m in others.items() if not self._originals[n].requires_grad})
         stashed = {name: mask.mask.grad for name, mask in others.items()}
         masks = list(active.values())
@@ -871,7 +872,10 @@ class SparseConnectivityLearning(Callback):
         # Counting kept connections is a pass over every mask: do it only when the controller or logging needs it.
         if count_now and not batched:
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
-        if self.target_density is not None:
+        # once per batch: a GAN's two optimizers both reach this point, and the controller's gain is per batch
+        batch = trainer.global_step if pl_module.automatic_optimization else trainer.fit_loop.epoch_loop.total_batch_idx
+        if self.target_density is not None and batch != self._lambda_batch:
+            self._lambda_batch = batch
             self._update_lambda(
                 self._kept_and_density(kept_by_layer)[1], self._progress(trainer), trainer.estimated_stepping_batches
             )
