@@ -10,6 +10,8 @@ Writes, under ``benchmarks/results/``:
 - ``mnist_flops.md`` and ``mnist_flops.png``: LeNet-5-Caffe accuracy against effective FLOPs for ModelPruning and
   SCL with the connection-count and the FLOPs-weighted regularizer;
 - ``mnist_side_by_side_60_epochs.md``: the same comparison at a 60-epoch budget (runs tagged ``side_by_side_e60``);
+- ``mnist_side_by_side_augmented_50_epochs.md``: shifted images, 50 epochs on all 60k images (ModelPruning runs
+  tagged ``side_by_side_augmented_e50``, SCL runs tagged ``augmented``);
 - ``mnist_side_by_side_augmented.md`` and ``mnist_pareto_augmented.png``: the same comparison with training images
   randomly shifted (runs tagged ``side_by_side_augmented``; the dense baseline is the run tagged ``augmented``);
 - ``mnist_tuning.md``: runs tagged ``tune:<name>`` (training hyperparameters), ranked by validation accuracy;
@@ -228,9 +230,14 @@ def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = Fal
     tag = tag or ("side_by_side_augmented" if augmented else "side_by_side")
     rows = [r for r in runs if r.get("tag") == tag]
     if augmented:
-        compared_models = {r["model"] for r in rows}
+        # the dense baseline of the same budget and training images
+        budgets = {(r["model"], r["epochs"], _recipe_variant(r)) for r in rows}
         rows += [
-            r for r in runs if r.get("tag") == "augmented" and r["method"] == "dense" and r["model"] in compared_models
+            r
+            for r in runs
+            if r.get("tag") == "augmented"
+            and r["method"] == "dense"
+            and (r["model"], r["epochs"], _recipe_variant(r)) in budgets
         ]
 
     # A headline SCL run (tagged ``augmented`` for shifted images) with the same model, density, epochs and shift as
@@ -590,6 +597,9 @@ def summarize(results: Path) -> None:
         if any(r.get("tag") == "side_by_side_augmented" for r in runs):
             table = side_by_side(runs, results / "mnist_pareto_augmented.png", augmented=True)
             (results / "mnist_side_by_side_augmented.md").write_text(table + "\n")
+        if any(r.get("tag") == "side_by_side_augmented_e50" for r in runs):
+            table = side_by_side(runs, None, augmented=True, tag="side_by_side_augmented_e50")
+            (results / "mnist_side_by_side_augmented_50_epochs.md").write_text(table + "\n")
         if any(r.get("tag") == "kd" for r in runs):
             (results / "mnist_distillation.md").write_text(distillation(runs) + "\n")
         if any(r.get("tag") == "side_by_side_e60" for r in runs):
