@@ -155,12 +155,6 @@ def _own_parameters(module: nn.Module, exclude: set[int]) -> list[torch.Tensor]:
     return [p for key, p in params.items() if key not in exclude]
 
 
-def _weight_parameter(module: nn.Module) -> torch.Tensor | None:
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module._parameters.get("weight")
-
-
 def _kind(module: nn.Module) -> str:
     cls = type(module)
     if parametrize.is_parametrized(module):
@@ -984,7 +978,7 @@ class SparsityAccountant:
             own = _own_parameters(layer, seen)  # tied weights count once, in their first layer
             seen.update(id(p) for p in own)
             plan.params.append(sum(p.numel() for p in own))
-            weight = _weight_parameter(layer)
+            weight = _weight_of(layer)
             plan.owns_weight.append(any(p is weight for p in own))
             plan.row_mask.append(mask_index.get(name, -1))
         if self._dense is None or self._total_dense is None:

@@ -217,7 +217,7 @@ def test_freeze_masks_at_from_the_command_line_keeps_its_type(value, expected, t
     assert scl.freeze_masks_at == expected and type(scl.freeze_masks_at) is type(expected)
 
 
-def test_training_step_losses_are_unchanged_by_the_ownership_bookkeeping():
+def test_with_one_optimizer_every_mask_steps_at_every_step():
     """One optimizer (the common case): the mask step sees every mask, as before the multi-optimizer support."""
     torch.manual_seed(0)
     scl = StepSpy(lam=0.1, freeze_masks_at=None, report=False)

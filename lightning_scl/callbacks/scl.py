@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.autograd.graph import increment_version
 
+from lightning_scl.accounting import _call_args, _inference
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
@@ -114,19 +115,9 @@ def _materialize_lazy_layers(pl_module: L.LightningModule) -> None:
     example = getattr(pl_module, "example_input_array", None)
     if example is None:
         return  # inject_masks names the layer and the fix
-    modes = [(m, m.training) for m in pl_module.modules()]
-    pl_module.eval()  # no batch-norm statistics from a made-up batch
-    try:
-        with torch.no_grad():
-            if isinstance(example, Mapping):
-                pl_module(**example)
-            elif isinstance(example, (tuple, list)):
-                pl_module(*example)
-            else:
-                pl_module(example)
-    finally:
-        for module, training in modes:
-            module.training = training
+    args, kwargs = _call_args(example)
+    with _inference(pl_module):  # eval: no batch-norm statistics from a made-up batch
+        pl_module(*args, **kwargs)
 
 
 def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
