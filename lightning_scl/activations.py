@@ -85,6 +85,19 @@ class _FunctionalSpec(NamedTuple):
     always_inplace: bool
 
 
+def _aten(name: str) -> dict[Callable[..., Any], _FunctionalSpec]:
+    """``torch.ops.aten.<name>`` and ``<name>_``, as packets and as their ``.default`` overloads.
+
+    Graphs from ``torch.export`` and FX decompositions call these directly; the ``.out`` overloads are left alone.
+    """
+    specs: dict[Callable[..., Any], _FunctionalSpec] = {}
+    for op_name, inplace in ((name, False), (f"{name}_", True)):
+        packet = getattr(torch.ops.aten, op_name, None)
+        if packet is not None:
+            specs[packet] = specs[packet.default] = _FunctionalSpec(None, inplace)
+    return specs
+
+
 # Functional forms of each target. ``F.relu_`` is ``torch.relu_``; ``F.relu(x, inplace=True)`` reaches the mode as
 # ``F.relu`` (it dispatches before choosing ``torch.relu_``), so each call is seen exactly once.
 _FUNCTIONAL: dict[str, dict[Callable[..., Any], _FunctionalSpec]] = {
@@ -94,13 +107,18 @@ _FUNCTIONAL: dict[str, dict[Callable[..., Any], _FunctionalSpec]] = {
         torch.relu_: _FunctionalSpec(None, True),
         Tensor.relu: _FunctionalSpec(None, False),
         Tensor.relu_: _FunctionalSpec(None, True),
+        **_aten("relu"),
     },
-    "ReLU6": {F.relu6: _FunctionalSpec(1, False)},
-    "LeakyReLU": {F.leaky_relu: _FunctionalSpec(2, False), F.leaky_relu_: _FunctionalSpec(None, True)},
-    "GELU": {F.gelu: _FunctionalSpec(None, False)},
-    "SiLU": {F.silu: _FunctionalSpec(1, False)},
-    "Mish": {F.mish: _FunctionalSpec(1, False)},
-    "Hardswish": {F.hardswish: _FunctionalSpec(1, False)},
+    "ReLU6": {F.relu6: _FunctionalSpec(1, False), **_aten("relu6")},
+    "LeakyReLU": {
+        F.leaky_relu: _FunctionalSpec(2, False),
+        F.leaky_relu_: _FunctionalSpec(None, True),
+        **_aten("leaky_relu"),
+    },
+    "GELU": {F.gelu: _FunctionalSpec(None, False), **_aten("gelu")},
+    "SiLU": {F.silu: _FunctionalSpec(1, False), **_aten("silu")},
+    "Mish": {F.mish: _FunctionalSpec(1, False), **_aten("mish")},
+    "Hardswish": {F.hardswish: _FunctionalSpec(1, False), **_aten("hardswish")},
 }
 
 
@@ -128,8 +146,10 @@ class SwapConfig:
             one of them are swapped (``"layer1"`` selects the whole ``layer1`` subtree).
         exclude: regular expressions, same matching; these subtrees are left alone.
         functional: ``"rewrite"`` functional calls, ``"warn"`` about them, or ``"ignore"`` them.
-        inplace: let replacements of in-place modules (``nn.ReLU(inplace=True)``) run in place, only where autograd
-            allows it. Off by default: an in-place ELU after sigmoid, tanh or exp breaks their backward.
+        inplace: replacements of in-place modules (``nn.ReLU(inplace=True)``) run in place, as functional in-place
+            calls do, so code that relies on the side effect (``self.act(h); return h``) keeps its activation and
+            torchvision models keep their memory use. Where writing in place would break backward (after sigmoid,
+            tanh or exp, on a leaf) the replacement runs out of place. ``False``: always out of place.
 
     Raises:
         ValueError: naming the argument and listing the accepted values.
@@ -149,7 +169,7 @@ class SwapConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     functional: str = "rewrite"
-    inplace: bool = False
+    inplace: bool = True
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -230,23 +250,33 @@ class SwapConfig:
 class LearnableELU(nn.Module):
     """ELU with a trainable ``alpha`` (one scalar per module), initialised to ``alpha``.
 
+    ``inplace=True`` writes the result into the input, as ``nn.ReLU(inplace=True)`` does, so callers that ignore
+    the return value still see the activation; where writing in place would break backward it returns a new tensor.
+
     Example:
         >>> act = LearnableELU(alpha=1.0)
         >>> act(torch.tensor([-100.0, 2.0]))
         tensor([-1.,  2.], grad_fn=<AddBackward0>)
     """
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: float = 1.0, inplace: bool = False) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor([float(alpha)]))
+        self.inplace = inplace
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.inplace and _inplace_is_safe(x):
+            # The formula saves its input for backward, so it reads a copy and the result goes back into x.
+            return x.copy_(self._elu(x.clone()))
+        return self._elu(x)
+
+    def _elu(self, x: Tensor) -> Tensor:
         # clamp, not F.relu: a rerouted F.relu would turn this into ELU(ELU); expm1 of the clamped negative part
         # avoids inf * 0 = nan gradients for large positive inputs.
         return x.clamp(min=0) + self.alpha * torch.expm1(x.clamp(max=0))
 
     def extra_repr(self) -> str:
-        return "num_parameters=1"
+        return "num_parameters=1, inplace=True" if self.inplace else "num_parameters=1"
 
 
 def _inplace_is_safe(x: Tensor) -> bool:
@@ -374,9 +404,9 @@ def _count_child_calls(parent: nn.Module) -> dict[str, int] | None:
 
 
 def _make_replacement(config: SwapConfig, original: nn.Module) -> nn.Module:
-    if config.replacement == "LearnableELU":
-        return LearnableELU(config.alpha)
     inplace = config.inplace and bool(getattr(original, "inplace", False))
+    if config.replacement == "LearnableELU":
+        return LearnableELU(config.alpha, inplace=inplace)
     if config.replacement == "CELU":
         return _GuardedCELU(config.alpha) if inplace else nn.CELU(config.alpha)
     return _GuardedELU(config.alpha) if inplace else nn.ELU(config.alpha)
@@ -756,7 +786,7 @@ def swap_activations(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     functional: str = "rewrite",
-    inplace: bool = False,
+    inplace: bool = True,
     quiet: bool = False,
 ) -> SwapReport:
     """Replace the ``targets`` activations of ``module`` by ``replacement`` (ELU), in place; see :class:`SwapConfig`.

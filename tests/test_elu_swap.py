@@ -240,6 +240,29 @@ def test_functional_forms_are_rerouted_including_in_place_contract():
         torch.testing.assert_close(model.eval()(x), expected)
 
 
+def test_aten_operator_calls_of_an_exported_graph_are_rerouted():
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    dense = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2))
+    exported = torch.export.export(dense, (x,)).module()  # its forward calls torch.ops.aten.relu.default
+    report = swap_activations(exported, targets=["ReLU", "LeakyReLU"])
+    assert report.num_modules == 0
+    with torch.no_grad():
+        expected = dense[4](F.elu(dense[2](F.elu(dense[0](x)))))
+        torch.testing.assert_close(exported(x), expected)
+    assert report.functional_calls == 2
+
+    class Packets(nn.Module):
+        def forward(self, x):
+            y = x.clone()
+            torch.ops.aten.relu_(y)  # in-place contract: the caller ignores the return value
+            return torch.ops.aten.relu(x) + y
+
+    model = Packets()
+    swap_activations(model)
+    torch.testing.assert_close(model(x), 2 * F.elu(x))
+
+
 def test_functional_warn_and_ignore_leave_relu():
     x = torch.randn(2, 4)
     model = Functional()
@@ -305,9 +328,49 @@ def test_in_place_relu_after_sigmoid_trains_after_the_swap(functional, inplace):
     assert losses[-1] < losses[0]
 
 
+class SideEffectRelu(nn.Module):
+    """Calls an in-place ReLU for its side effect and ignores the return value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.act(h)
+        return h
+
+
+@pytest.mark.parametrize("replacement", ["ELU", "CELU", "LearnableELU"])
+def test_in_place_module_used_for_its_side_effect_keeps_its_activation(replacement):
+    torch.manual_seed(0)
+    model, x = SideEffectRelu(), torch.randn(64, 4)
+    assert (model(x) >= 0).all()
+    swap_activations(model, replacement=replacement)
+    with torch.no_grad():
+        expected = F.elu(model.fc(x))
+    out = model(x)
+    assert (out < 0).any() and out.min() >= -1.0
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()  # in place after a linear layer leaves backward intact
+    assert model.fc.weight.grad.abs().sum() > 0
+    if replacement == "LearnableELU":
+        assert model.act.alpha.grad is not None and model.act.alpha.grad.abs().sum() > 0
+        # the gradient through the in-place path equals the out-of-place one
+        h = model.fc(x).detach().requires_grad_()
+        LearnableELU(1.0)(h).pow(2).sum().backward()
+        g = model.fc(x).detach().requires_grad_()
+        LearnableELU(1.0, inplace=True)(g * 1.0).pow(2).sum().backward()
+        torch.testing.assert_close(g.grad, h.grad)
+    restore_activations(model)
+    swap_activations(model, inplace=False)  # the opt-out: out of place, so the side effect is gone
+    torch.testing.assert_close(model(x), model.fc(x))
+
+
 def test_inplace_option_runs_in_place_where_safe():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.ReLU())
-    swap_activations(model, inplace=True)
+    swap_activations(model)
     assert model[1].inplace and not model[3].inplace  # only in-place originals become in place
     x = torch.randn(3, 4, requires_grad=True)
     h = model[0](x)

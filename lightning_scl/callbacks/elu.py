@@ -82,7 +82,8 @@ class ELUSwap(L.Callback):
         exclude: regular expressions on qualified module names; the matching subtrees are left alone.
         functional: ``"rewrite"``, ``"warn"`` or ``"ignore"`` functional activation calls.
         replacement: ``"ELU"``, ``"CELU"`` or ``"LearnableELU"`` (trainable ``alpha`` per call site).
-        inplace: let replacements of in-place modules run in place where autograd allows it (off by default).
+        inplace: replacements of in-place modules run in place, as the originals did, except where that would
+            break backward; ``False``: always out of place.
         verbose: report on rank zero what was swapped.
 
     Raises:
@@ -112,7 +113,7 @@ class ELUSwap(L.Callback):
         exclude: Sequence[str] | None = None,
         functional: str = "rewrite",
         replacement: str = "ELU",
-        inplace: bool = False,
+        inplace: bool = True,
         verbose: bool = True,
     ) -> None:
         self.config = SwapConfig(
