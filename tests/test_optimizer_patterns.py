@@ -3,6 +3,8 @@ optimization, two optimizers), closure optimizers (LBFGS), true half precision, 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from lightning.pytorch import LightningModule
@@ -72,6 +74,37 @@ def test_each_optimizer_of_a_gan_steps_the_masks_of_its_own_weights():
     # the generator's step trains G's mask only: D's gradient there came from the generator's loss while D's
     # weights were frozen by toggle_optimizer, so it is dropped, not applied to D by D's step
     assert scl.stepped == [{"G.0"}, {"D.0"}, {"G.0"}, {"D.0"}]
+
+
+class GANWithSharedFixedLayer(GAN):
+    """A layer both losses pass through whose weight no optimizer holds (only its mask learns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.E = nn.Sequential(nn.Linear(8, 8))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(x.shape[0], 4)
+        self.toggle_optimizer(opt_g)
+        self.manual_backward(-self.D(self.E(self.G(z))).mean())
+        opt_g.step()
+        opt_g.zero_grad()
+        self.untoggle_optimizer(opt_g)
+        self.toggle_optimizer(opt_d)
+        self.manual_backward(self.D(self.E(self.G(z).detach())).mean() - self.D(self.E(x)).mean())
+        opt_d.step()
+        opt_d.zero_grad()
+        self.untoggle_optimizer(opt_d)
+
+
+def test_masks_of_weights_no_optimizer_holds_step_once_per_batch():
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.0, freeze_masks_at=None, report=False)
+    quiet_trainer(max_steps=6, callbacks=[scl]).fit(GANWithSharedFixedLayer(), gan_data(n=24))
+    # E's mask steps at the first optimizer step of each batch, with the gradients of every loss since its last step
+    assert scl.stepped == [{"G.0", "E.0"}, {"D.0"}] * 3
 
 
 class SwitchOffHalf(Callback):
@@ -156,6 +189,25 @@ def test_a_callback_reused_for_a_new_fit_trains_its_masks_again():
     assert scl.frozen  # froze again at 50%, after training: it did not start frozen
     moved = [not torch.all(m.mask.detach() == 1.0) for m in scl.masks.values()]
     assert all(moved)
+
+
+def test_masks_already_on_the_model_are_continued_and_announced(caplog):
+    torch.manual_seed(0)
+    model = MLP()
+    first = SparseConnectivityLearning(lam=0.3, freeze_masks_at=None, report=False)
+    quiet_trainer(max_steps=6, callbacks=[first]).fit(model, loader())
+    trained = {name: m.mask.detach().clone() for name, m in first.masks.items()}
+    second = SparseConnectivityLearning(lam=0.0, mask_init=3.0, freeze_masks_at=None, report=False)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(max_steps=1, callbacks=[second]).fit(model, loader())
+    message = " ".join(r.getMessage() for r in caplog.records if "SparseConnectivityLearning:" in r.getMessage())
+    assert f"{len(trained)} of the masks were already on the model" in message and "mask_init=3" in message
+    for name, mask in second.masks.items():  # continued from the trained values (one step on), not 3.0
+        assert (mask.mask.detach() - trained[name]).abs().mean() < 0.05
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a model without masks: nothing carried over, nothing announced
+        quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(report=False)]).fit(MLP(), loader())
+    assert not any("already on the model" in r.getMessage() for r in caplog.records)
 
 
 def test_masks_made_with_another_estimator_are_an_error():

@@ -349,6 +349,7 @@ class SparseConnectivityLearning(Callback):
         self._reporter: SCLReporter | None = None
 
         self._masks: dict[str, ConnectivityMask] = {}
+        self._carried_over = 0  # masks already on the model when this callback first injected
         self._originals: dict[str, nn.Parameter] = {}
         self._mask_optimizer: torch.optim.SGD | None = None
         self._fused_mask_optimizer: bool | None = None
@@ -363,6 +364,7 @@ class SparseConnectivityLearning(Callback):
         self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight, if several
         self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
         self._lambda_batch: int | None = None  # the batch lam was last updated at
+        self._unowned_batch: int | None = None  # the batch the masks of weights no optimizer holds last stepped at
         self._warned: set[str] = set()
         self._last: dict[str, torch.Tensor] = {}
         self.steps_skipped_nonfinite = 0
@@ -447,6 +449,8 @@ class SparseConnectivityLearning(Callback):
         self._wrapped.clear()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self._masks:
+            self._carried_over = sum(1 for _ in iter_masks(pl_module))
         try:
             self._inject(pl_module)
         except ValueError:
@@ -547,7 +551,7 @@ class SparseConnectivityLearning(Callback):
         self._keep_masks_float32(trainer, pl_module)
         params = [mask.mask for mask in self._masks.values()]
         self._decayed_originals = None
-        self._owners, self._stepped_for, self._lambda_batch = None, None, None
+        self._owners, self._stepped_for, self._lambda_batch, self._unowned_batch = None, None, None, None
         if self._pending_state is None and trainer.global_step == 0:
             self._reset_training_state()  # a callback used for an earlier fit starts afresh
         fsdp_reporter = self._reporter if _has_fsdp_units(pl_module) else None  # made before FSDP wrapped the model
@@ -607,6 +611,12 @@ class SparseConnectivityLearning(Callback):
             f"({kept / max(total, 1):.2%} kept), granularity={self.granularity}, "
             + (f"target_density={self.target_density}" if self.target_density is not None else f"lam={self.lam}")
             + (", freed CPU memory retained (retain_freed_memory)" if self._retained_freed_memory else "")
+            + (
+                f"; {self._carried_over} of the masks were already on the model and keep their trained values "
+                f"(mask_init={self.mask_init:g} applies only to new masks; strip_masks starts afresh)"
+                if self._carried_over
+                else ""
+            )
         )
 
     def _keep_masks_float32(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -817,12 +827,16 @@ class SparseConnectivityLearning(Callback):
                 kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
                 self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module))
             return
-        active = self._masks_for(trainer, optimizer)
-        # Several optimizers (manual optimization): this step trains the masks of the weights this optimizer steps.
+        # Several optimizers (manual optimization): this step trains the masks of the weights this optimizer steps,
+        # and at the batch's first optimizer step those of weights no optimizer holds (one mask step per batch).
         # The others keep their gradients for their own optimizer, unless their weights are frozen now (e.g. by
         # toggle_optimizer), whose gradients the task does not mean for them.
+        batch = trainer.global_step if pl_module.automatic_optimization else trainer.fit_loop.epoch_loop.total_batch_idx
+        active = self._masks_for(trainer, optimizer, with_unowned=batch != self._unowned_batch)
+        self._unowned_batch = batch
         others = {} if active is self._masks else {n: m for n, m in self._masks.items() if n not in active}
-        self._drop_mask_gradients({n: m for n, m in others.items() if not self._originals[n].requires_grad})
+        toggled_off = {n: m for n, m in others.items() if n in self._owners and not self._originals[n].requires_grad}
+        self._drop_mask_gradients(toggled_off)
         stashed = {name: mask.mask.grad for name, mask in others.items()}
         masks = list(active.values())
         if all(mask.mask.grad is None for mask in masks):
@@ -864,7 +878,6 @@ class SparseConnectivityLearning(Callback):
         if count_now and not batched:
             kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
         # once per batch: a GAN's two optimizers both reach this point, and the controller's gain is per batch
-        batch = trainer.global_step if pl_module.automatic_optimization else trainer.fit_loop.epoch_loop.total_batch_idx
         if self.target_density is not None and batch != self._lambda_batch:
             self._lambda_batch = batch
             self._update_lambda(
@@ -947,9 +960,11 @@ class SparseConnectivityLearning(Callback):
         for mask in (self._masks if masks is None else masks).values():
             mask.mask.grad = None
 
-    def _masks_for(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> dict[str, ConnectivityMask]:
-        """The masks whose weights ``optimizer`` steps (with masks on weights no optimizer holds): all of them unless
-        the masked weights are spread over several optimizers (manual optimization)."""
+    def _masks_for(
+        self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, with_unowned: bool = True
+    ) -> dict[str, ConnectivityMask]:
+        """The masks whose weights ``optimizer`` steps (``with_unowned``: and masks on weights no optimizer holds):
+        all of them unless the masked weights are spread over several optimizers (manual optimization)."""
         if self._owners is None:  # the user's param groups are fixed once fit has started
             owners: dict[str, int] = {}
             for opt in trainer.optimizers:
@@ -960,7 +975,8 @@ class SparseConnectivityLearning(Callback):
             self._owners = owners if len(set(owners.values())) > 1 else {}
         if not self._owners:
             return self._masks
-        return {name: m for name, m in self._masks.items() if self._owners.get(name, id(optimizer)) == id(optimizer)}
+        unowned = id(optimizer) if with_unowned else None
+        return {name: m for name, m in self._masks.items() if self._owners.get(name, unowned) == id(optimizer)}
 
     def _kept_and_density(self, kept_by_layer: dict[str, torch.Tensor]) -> tuple[float, float]:
         kept = float(torch.stack(list(kept_by_layer.values())).sum())  # one host sync for all layers
