@@ -443,9 +443,8 @@ class _FunctionalRouter:
         self.mode = config.functional
         self.alpha = config.alpha
         self.celu = config.replacement == "CELU"
-        self.functions: dict[Callable[..., Any], _FunctionalSpec] = {}
-        for name in config.targets:
-            self.functions.update(_FUNCTIONAL.get(name, {}))
+        self.targets = config.targets
+        self.functions = self._functions(self.targets)
         self.total_calls = 0
         self.owners: set[str] = set()
         self.quiet = False  # the Lightning callback reports on rank zero itself
@@ -455,13 +454,22 @@ class _FunctionalRouter:
         self._compile_warned = False
         self._local = threading.local()
 
+    @staticmethod
+    def _functions(targets: tuple[str, ...]) -> dict[Callable[..., Any], _FunctionalSpec]:
+        functions: dict[Callable[..., Any], _FunctionalSpec] = {}
+        for name in targets:
+            functions.update(_FUNCTIONAL.get(name, {}))
+        return functions
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_local"]  # per-thread, per-forward state: meaningless in a copy
+        del state["functions"]  # torch.ops operators cannot be pickled: rebuilt from the targets
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.functions = self._functions(self.targets)
         self._local = threading.local()
 
     def _stack(self) -> list[tuple[int, str, bool]]:
