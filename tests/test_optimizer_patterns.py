@@ -7,13 +7,11 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
-from tests.conftest import MLP, loader, quiet_trainer
+from tests.conftest import GAN, MLP, gan_data, loader, quiet_trainer
 
 
 class StepSpy(SparseConnectivityLearning):
@@ -29,42 +27,6 @@ class StepSpy(SparseConnectivityLearning):
             return step(*args, **kwargs)
 
         self._mask_optimizer.step = spy
-
-
-class GAN(LightningModule):
-    """Lightning's documented two-optimizer recipe: toggle_optimizer freezes the other network's weights."""
-
-    def __init__(self, weight_decay: float = 0.0):
-        super().__init__()
-        self.automatic_optimization = False
-        self.weight_decay = weight_decay
-        self.G = nn.Sequential(nn.Linear(4, 8))
-        self.D = nn.Sequential(nn.Linear(8, 1))
-
-    def training_step(self, batch, batch_idx):
-        x = batch[0]
-        opt_g, opt_d = self.optimizers()
-        z = torch.randn(x.shape[0], 4)
-        self.toggle_optimizer(opt_g)
-        self.manual_backward(-self.D(self.G(z)).mean())
-        opt_g.step()
-        opt_g.zero_grad()
-        self.untoggle_optimizer(opt_g)
-        self.toggle_optimizer(opt_d)
-        self.manual_backward(self.D(self.G(z).detach()).mean() - self.D(x).mean())
-        opt_d.step()
-        opt_d.zero_grad()
-        self.untoggle_optimizer(opt_d)
-
-    def configure_optimizers(self):
-        return [
-            torch.optim.SGD(self.G.parameters(), lr=0.01, weight_decay=self.weight_decay),
-            torch.optim.SGD(self.D.parameters(), lr=0.01, weight_decay=self.weight_decay),
-        ]
-
-
-def gan_data(n: int = 16, batch_size: int = 8) -> DataLoader:
-    return DataLoader(TensorDataset(torch.randn(n, 8, generator=torch.Generator().manual_seed(0))), batch_size)
 
 
 def test_each_optimizer_of_a_gan_steps_the_masks_of_its_own_weights():

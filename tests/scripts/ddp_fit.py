@@ -1,7 +1,8 @@
 """Two-process CPU DDP fit with SparseConnectivityLearning (and ELUSwap); each rank dumps what it ended with.
 
-Run by tests/test_distributed.py as ``python tests/scripts/ddp_fit.py OUT_DIR``; Lightning re-launches this script
-for rank 1, so everything lives under the ``__main__`` guard.
+Run by tests/test_distributed.py as ``python tests/scripts/ddp_fit.py OUT_DIR [mlp|gan]``; Lightning re-launches
+this script for rank 1, so everything lives under the ``__main__`` guard. ``gan``: manual optimization with two
+optimizers and ``toggle_optimizer``, which DDP runs with ``find_unused_parameters`` (as without SCL).
 """
 
 import hashlib
@@ -16,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
-from tests.conftest import MLP, loader
+from tests.conftest import GAN, MLP, gan_data, loader
 
 
 def digest(tensors) -> str:
@@ -26,21 +27,20 @@ def digest(tensors) -> str:
     return h.hexdigest()
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, kind: str) -> None:
     L.seed_everything(0)
     torch.set_num_threads(1)
-    model = MLP(weight_decay=1e-3)
+    gan = kind == "gan"
+    model = GAN(weight_decay=1e-3) if gan else MLP(weight_decay=1e-3)
     callbacks = [SparseConnectivityLearning(target_density=0.3, mask_lr=0.05)]
-    try:
+    if not gan:
         from lightning_scl.callbacks.elu import ELUSwap
 
         callbacks.append(ELUSwap())
-    except ImportError:
-        pass
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy="ddp_find_unused_parameters_true" if gan else "ddp",
         max_epochs=3,
         callbacks=callbacks,
         logger=CSVLogger(out_dir, name="logs", version=0),
@@ -49,7 +49,7 @@ def main(out_dir: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, loader(n=512))
+    trainer.fit(model, gan_data(n=512, batch_size=32) if gan else loader(n=512))
     scl = callbacks[0]
     record = {
         "rank": trainer.global_rank,
@@ -66,4 +66,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "mlp")
