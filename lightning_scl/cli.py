@@ -344,13 +344,15 @@ def build_export_parser() -> argparse.ArgumentParser:
 def export_command(argv: Sequence[str]) -> int:
     """``lightning-scl export``: write the pruned model of a checkpoint; prints the path and size."""
     args = build_export_parser().parse_args(argv)
-    (export_pruned,) = _require("lightning_scl.export", ["export_pruned"], "export")
-    _, suffixes = _export_formats()
+    export_pruned, default_output_path, refuse_overwriting_checkpoint = _require(
+        "lightning_scl.export", ["export_pruned", "default_output_path", "refuse_overwriting_checkpoint"], "export"
+    )
     path = Path(args.checkpoint)
     checkpoint = _load_checkpoint(path)
     model_class = _model_class(args.model_class)
-    output = Path(args.output) if args.output else path.with_name(path.stem + suffixes.get(args.format, ""))
+    output = Path(args.output) if args.output else default_output_path(path, args.format)
     try:
+        refuse_overwriting_checkpoint(output, path)  # the checkpoint goes in as a dict: export_pruned cannot tell
         written = export_pruned(
             checkpoint,
             output,

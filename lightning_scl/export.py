@@ -77,6 +77,38 @@ SUFFIXES = {
     "onnx": ".onnx",
     "onnx_shrunk": ".shrunk.onnx",
 }
+
+
+def default_output_path(checkpoint: str | os.PathLike[str], format: str) -> Path:
+    """Where an export of ``checkpoint`` goes by default: next to it, with the format's suffix, never onto it.
+
+    Example:
+        >>> default_output_path("runs/last.ckpt", "compressed").name
+        'last.scl.safetensors'
+        >>> default_output_path("runs/last.pt", "state_dict").name  # not the checkpoint itself
+        'last.pruned.pt'
+    """
+    checkpoint = Path(checkpoint)
+    output = checkpoint.with_name(checkpoint.stem + SUFFIXES[format])
+    if output.name == checkpoint.name:
+        output = checkpoint.with_name(checkpoint.stem + ".pruned" + SUFFIXES[format])
+    return output
+
+
+def refuse_overwriting_checkpoint(output: str | os.PathLike[str], checkpoint: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` when ``output`` is the file ``checkpoint`` (an export would replace the training state).
+
+    Example:
+        >>> refuse_overwriting_checkpoint("model.safetensors", "last.ckpt")  # different files: fine
+    """
+    output, checkpoint = Path(output), Path(checkpoint)
+    if output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint):
+        raise ValueError(
+            f"Cannot export to {str(output)!r}: it is the checkpoint being exported, which would be replaced and its "
+            "masks, optimizer state and training progress lost. Give another output path."
+        )
+
+
 _COMPRESSED_FORMAT = "lightning_scl.compressed"
 _SHRUNK_FORMAT = "lightning_scl.shrunk"
 _VERSION = 1
@@ -1254,11 +1286,7 @@ def _export(
     else:
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
             source = Path(model_or_checkpoint)
-            if path.exists() and source.exists() and os.path.samefile(path, source):
-                raise ValueError(
-                    f"Cannot export to {str(path)!r}: it is the checkpoint being exported, which would be replaced "
-                    "and its masks, optimizer state and training progress lost. Give another output path."
-                )
+            refuse_overwriting_checkpoint(path, source)
             checkpoint = _load_checkpoint_file(source, accepts_model=True)
         elif isinstance(model_or_checkpoint, Mapping):
             checkpoint = model_or_checkpoint
@@ -1372,9 +1400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint)
-    output = Path(args.output) if args.output else checkpoint.with_name(checkpoint.stem + SUFFIXES[args.format])
-    if not args.output and output.name == checkpoint.name:  # run.pt --format state_dict: never the checkpoint itself
-        output = checkpoint.with_name(checkpoint.stem + ".pruned" + SUFFIXES[args.format])
+    output = Path(args.output) if args.output else default_output_path(checkpoint, args.format)
     model_class = _import_object(args.model_class) if args.model_class else None
     example = None
     if args.input_shape:

@@ -123,6 +123,20 @@ def test_export_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
     assert out.stat().st_size < plain_path.stat().st_size
 
 
+def test_export_never_writes_over_the_checkpoint(
+    fitted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run.pt"
+    shutil.copy(fitted_run / CHECKPOINT, run)
+    assert main(["export", str(run), "--format", "state_dict"]) == 0  # default name: run.pruned.pt, not run.pt
+    assert str(tmp_path / "run.pruned.pt") in capsys.readouterr().out
+    for argv in (["export", str(run), "--output", str(run)], ["export", str(run), "-f", "compressed", "-o", str(run)]):
+        assert main(argv) == 2
+        assert "is the checkpoint being exported" in capsys.readouterr().err
+    kept = torch.load(run, map_location="cpu", weights_only=True)
+    assert kept["optimizer_states"] and kept["global_step"] == 1024 // 64  # the training state is intact
+
+
 def test_report_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = fitted_run / CHECKPOINT
     out_dir = fitted_run / "report"
