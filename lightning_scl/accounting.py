@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_scl.export import _load_checkpoint_file, _rebuild_from_checkpoint
-from lightning_scl.masking import ConnectivityMask, eager_forward, iter_masks
+from lightning_scl.masking import ConnectivityMask, eager_forward, iter_masks, modes_restored
 
 __all__ = [
     "FLOPS_UNIT",
@@ -116,14 +116,9 @@ def _to(example: Any, device: torch.device) -> Any:
 def _inference(model: nn.Module) -> Iterator[None]:
     """Eval mode (no batch-norm statistics update, no dropout), no autograd, and the eager ``forward`` of a model
     Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), eager_forward(model):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with modes_restored(model), torch.no_grad(), eager_forward(model):
+        model.eval()
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------- layers

@@ -52,7 +52,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_scl.masking import ConnectivityMask, eager_forward, fold_state_dict, has_masks, inject_masks
+from lightning_scl.masking import (
+    ConnectivityMask,
+    eager_forward,
+    fold_state_dict,
+    has_masks,
+    inject_masks,
+    modes_restored,
+)
 
 __all__ = [
     "FORMATS",
@@ -1031,7 +1038,6 @@ def shrink_model(
 
 def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -> tuple[nn.Module, dict[str, Any]]:
     inputs = _example_inputs(model, example_input, "shrink_model")
-    was_training = model.training
     work = plain_copy(model) if has_masks(model) else _detached_deepcopy(model)
     work.eval()
     params_before = _count_params(work)
@@ -1043,13 +1049,10 @@ def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -
     record["params_after"] = _count_params(work)
     record["kept_for_exactness"] = shrinker.kept_for_exactness
     if check:
-        model.eval()
-        try:
-            with torch.no_grad():
-                reference = _flat_tensors(_call(model, shrinker.probe))
-                result = _flat_tensors(_call(work, shrinker.probe))
-        finally:
-            model.train(was_training)
+        with modes_restored(model), torch.no_grad():
+            model.eval()
+            reference = _flat_tensors(_call(model, shrinker.probe))
+            result = _flat_tensors(_call(work, shrinker.probe))
         for ref, out in zip(reference, result):
             scale = float(ref.abs().max()) if ref.numel() else 1.0
             if ref.shape != out.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
@@ -1086,8 +1089,7 @@ def replay_shrink(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
     if has_masks(model):
         model = plain_copy(model)
     inputs = tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in record["example_inputs"])
-    was_training = model.training
-    with torch.enable_grad(), warnings.catch_warnings():
+    with modes_restored(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
         try:
@@ -1098,7 +1100,6 @@ def replay_shrink(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
         layer = model.get_submodule(name)
         out = layer.weight.shape[_out_dim(layer)] * (layer.groups if _is_transposed(layer) else 1)
         layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))
-    model.train(was_training)
     return model
 
 

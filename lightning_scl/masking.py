@@ -364,6 +364,27 @@ def iter_masks(module: nn.Module, unique: bool = True) -> Iterator[tuple[str, nn
 
 
 @contextlib.contextmanager
+def modes_restored(module: nn.Module) -> Iterator[nn.Module]:
+    """Restore every submodule's own ``training`` flag after the block (``module.train(flag)`` would set them all
+    alike, waking a batch norm the user had frozen in eval mode).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with modes_restored(net):
+        ...     _ = net.train()
+        >>> net.training, net[1].training
+        (True, False)
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def eager_forward(module: nn.Module) -> Iterator[nn.Module]:
     """The module behind ``torch.compile``, running its eager ``forward`` inside the block.
 

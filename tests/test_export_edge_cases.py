@@ -176,3 +176,34 @@ def test_a_float16_export_refuses_values_float16_cannot_hold(fmt, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half written
     path = export_pruned(net, tmp_path / "a.safetensors", format="safetensors", dtype="bfloat16")
     assert torch.isfinite(load_pruned(path)["1.running_var"]).all()
+
+
+class FrozenNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.fc(x))))
+
+
+@pytest.mark.parametrize("how", ["shrink_model", "export_shrunk", "sparsity_report"])
+def test_export_and_accounting_leave_every_module_in_its_own_mode(how, tmp_path):
+    torch.manual_seed(0)
+    net = FrozenNormNet()
+    inject_masks(net)
+    net.train()
+    net.norm.eval()  # a frozen batch norm inside a model in training
+    stats = net.norm.running_mean.clone()
+    example = torch.randn(4, 4)
+    if how == "shrink_model":
+        shrink_model(net, example)
+    elif how == "export_shrunk":
+        export_pruned(net, tmp_path / "net.shrunk.pt", format="shrunk", example_input=example)
+    else:
+        sparsity_report(net, example)
+    assert net.training and net.fc.training and not net.norm.training
+    net(example)  # the frozen norm still does not update its statistics
+    assert torch.equal(net.norm.running_mean, stats)
