@@ -243,8 +243,9 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise CommandError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
     hparams = checkpoint.get("hyper_parameters")
     if isinstance(hparams, dict):
-        # LightningCLI(load_from_checkpoint_support=True) adds "_instantiator"/"_class_path": not constructor args
-        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+        from lightning_scl.export import constructor_hparams
+
+        checkpoint["hyper_parameters"] = constructor_hparams(hparams)
     return checkpoint
 
 

@@ -376,6 +376,30 @@ def _swap_record(model: nn.Module) -> dict[str, Any] | None:
     return None if report is None else report.to_record()
 
 
+def constructor_hparams(hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's ``hyper_parameters`` as constructor arguments: LightningCLI's private entries dropped.
+
+    ``LightningCLI(load_from_checkpoint_support=True)`` (its default) adds ``_instantiator`` and ``_class_path``,
+    which no ``__init__`` accepts.
+
+    Example:
+        >>> constructor_hparams({"hidden": 8, "_instantiator": "lightning.pytorch.cli.instantiate_module"})
+        {'hidden': 8}
+    """
+    return {k: v for k, v in (hparams or {}).items() if not str(k).startswith("_")}
+
+
+def _construct(model_class: type, hparams: Mapping[str, Any] | None) -> nn.Module:
+    kwargs = constructor_hparams(hparams)
+    try:
+        return model_class(**kwargs)
+    except TypeError as err:
+        raise ValueError(
+            f"Could not instantiate {model_class.__name__} with the checkpoint's hyper_parameters "
+            f"{sorted(kwargs)}: {err}. Pass an instance or a factory instead."
+        ) from err
+
+
 def _instantiate(model_class: Any, checkpoint: Mapping[str, Any]) -> nn.Module:
     if isinstance(model_class, nn.Module):
         if has_masks(model_class):
@@ -386,14 +410,7 @@ def _instantiate(model_class: Any, checkpoint: Mapping[str, Any]) -> nn.Module:
             "This export needs the model: pass model_class (the LightningModule class, a factory, or an instance)"
         )
     if isinstance(model_class, type):
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        try:
-            model = model_class(**hparams)
-        except TypeError as err:
-            raise ValueError(
-                f"Could not instantiate {model_class.__name__} with the checkpoint's hyper_parameters "
-                f"{sorted(hparams)}: {err}. Pass an instance or a factory instead."
-            ) from err
+        model = _construct(model_class, checkpoint.get("hyper_parameters"))
     else:
         model = model_class()
     if not isinstance(model, nn.Module):
@@ -1145,7 +1162,7 @@ def load_shrunk(
     if isinstance(model_factory_or_instance, nn.Module):
         model = model_factory_or_instance
     elif isinstance(model_factory_or_instance, type):
-        model = model_factory_or_instance(**(payload.get("hyper_parameters") or {}))
+        model = _construct(model_factory_or_instance, payload.get("hyper_parameters"))
     else:
         model = model_factory_or_instance()
     if isinstance(payload.get("activation_swap"), Mapping):
@@ -1341,9 +1358,9 @@ def _export(
             else:
                 target, record = shrink_model(module, inputs)
             if format == "shrunk":
-                hparams = dict(checkpoint.get("hyper_parameters") or {}) if checkpoint else None
+                hparams = constructor_hparams(checkpoint.get("hyper_parameters")) if checkpoint else None
                 if hparams is None:
-                    hparams = dict(getattr(module, "hparams", {}) or {}) or None
+                    hparams = constructor_hparams(getattr(module, "hparams", None)) or None
                 payload = {
                     "format": _SHRUNK_FORMAT,
                     "version": _VERSION,

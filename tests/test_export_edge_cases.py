@@ -207,3 +207,41 @@ def test_export_and_accounting_leave_every_module_in_its_own_mode(how, tmp_path)
     assert net.training and net.fc.training and not net.norm.training
     net(example)  # the frozen norm still does not update its statistics
     assert torch.equal(net.norm.running_mean, stats)
+
+
+def test_checkpoints_of_a_users_own_lightning_cli_rebuild_through_the_python_api(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(hidden=24)
+    trainer = quiet_trainer(max_steps=2, callbacks=[SparseConnectivityLearning(lam=0.1, report=False)])
+    trainer.fit(model, loader())
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    # what LightningCLI(load_from_checkpoint_support=True), its default, stores next to the constructor arguments
+    checkpoint["hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    checkpoint["hyper_parameters"]["_class_path"] = "tests.conftest.MLP"
+    torch.save(checkpoint, path)
+    plain = export_pruned(path, tmp_path / "model.safetensors", model_class=MLP)
+    assert load_pruned(plain)["net.0.weight"].shape == (24, 16)
+    assert sparsity_report(path, model_class=MLP).totals.params_total == sum(
+        p.numel() for p in MLP(hidden=24).parameters()
+    )
+    shrunk = export_pruned(path, tmp_path / "model.shrunk.pt", format="shrunk", model_class=MLP)
+    assert "_instantiator" not in torch.load(shrunk, weights_only=True)["hyper_parameters"]
+    model.eval()
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(load_shrunk(shrunk, MLP)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_load_shrunk_with_a_class_that_does_not_take_the_stored_arguments_says_so(tmp_path):
+    torch.manual_seed(0)
+    model = MLP(hidden=24)
+    inject_masks(model)
+    shrunk = export_pruned(model, tmp_path / "model.shrunk.pt", format="shrunk")
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+
+    with pytest.raises(ValueError, match=r"Could not instantiate Other with the checkpoint's hyper_parameters"):
+        load_shrunk(shrunk, Other)
