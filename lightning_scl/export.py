@@ -39,6 +39,7 @@ import errno
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import shlex
@@ -660,26 +661,42 @@ def _probe_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[t
     all-zero) sample is weak, a unit fed by a zeroed second input looks constant on it, and a unit that a ReLU
     silences for one sign of an input looks constant on one random sample; eight make that unlikely.
 
-    Inputs that are not floating point repeat their first sample. When the model cannot run the batch (an input
-    without a batch dimension), the example itself is the probe."""
+    Random values are drawn within the example's range (standard normal when the example is constant, as an
+    all-zero one is), then in [0, 1) if the model's output is not finite on them (a ``log`` or ``sqrt`` of the
+    input). Inputs that are not floating point repeat their first sample. When neither probe runs with a finite
+    output (or an input has no batch dimension), the example itself is the probe."""
     if not inputs or not all(t.dim() >= 1 and len(t) >= 1 for t in inputs):
         return inputs
-    generator = torch.Generator().manual_seed(0)
-    probe = []
-    for tensor in inputs:
-        first = tensor[:1]
-        if tensor.is_floating_point():
-            shape = (_RANDOM_PROBES, *first.shape[1:])
-            rest = torch.randn(shape, generator=generator, dtype=first.dtype).to(first.device)
-        else:
-            rest = first.expand(_RANDOM_PROBES, *first.shape[1:])
-        probe.append(torch.cat([first, rest]))
+    for draw in ("example_range", "unit_interval"):
+        generator = torch.Generator().manual_seed(0)
+        probe = []
+        for tensor in inputs:
+            first = tensor[:1]
+            if tensor.is_floating_point():
+                shape = (_RANDOM_PROBES, *first.shape[1:])
+                low, high = float(tensor.min()), float(tensor.max())
+                if draw == "unit_interval":
+                    rest = torch.rand(shape, generator=generator, dtype=first.dtype)
+                elif math.isfinite(low) and math.isfinite(high) and high > low:
+                    rest = low + (high - low) * torch.rand(shape, generator=generator, dtype=first.dtype)
+                else:
+                    rest = torch.randn(shape, generator=generator, dtype=first.dtype)
+                rest = rest.to(first.device)
+            else:
+                rest = first.expand(_RANDOM_PROBES, *first.shape[1:])
+            probe.append(torch.cat([first, rest]))
+        if _runs_finite(model, tuple(probe)):
+            return tuple(probe)
+    return inputs
+
+
+def _runs_finite(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
     try:
         with torch.no_grad():
-            _call(model, tuple(probe))
+            outputs = _flat_tensors(_call(model, inputs))
     except Exception:
-        return inputs
-    return tuple(probe)
+        return False
+    return all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point())
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -831,8 +848,8 @@ class _Shrinker:
         if not values:
             return None  # the layer was not called on the probe batch
         flat = torch.cat(values).double()
-        if flat.numel() == 0:
-            return None
+        if flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+            return None  # NaN compares false with everything: it would pass the test below as constant
         c = float(flat.mean())
         if float((flat - c).abs().max()) > 1e-5 * (1.0 + abs(c)):
             return None
@@ -999,6 +1016,18 @@ def _example_inputs(model: nn.Module, example_input: ExampleInput | None, what: 
     inputs = _as_tuple(example_input)
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise ValueError("example_input must be a tensor or a tuple of tensors")
+    try:  # here, not deep inside Torch-Pruning's or the ONNX exporter's tracing where the error would be unrelated
+        with modes_restored(model), torch.no_grad(), eager_forward(model) as module:
+            module.eval()
+            _call(module, inputs)
+    except Exception as err:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"{what}: {type(model).__name__} cannot run on the example input of shape {shapes} "
+            f"({type(err).__name__}: {first_line}). Give a batch shaped like the model's input (example_input=..., "
+            "--input-shape on the command line) or set example_input_array on the LightningModule."
+        ) from err
     return inputs
 
 
@@ -1072,7 +1101,8 @@ def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -
             result = _flat_tensors(_call(work, shrinker.probe))
         for ref, out in zip(reference, result):
             scale = float(ref.abs().max()) if ref.numel() else 1.0
-            if ref.shape != out.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+            atol = 1e-5 * max(1.0, scale if math.isfinite(scale) else 1.0)
+            if ref.shape != out.shape or not torch.allclose(out, ref, rtol=1e-4, atol=atol, equal_nan=True):
                 diff = "shape " + str(tuple(out.shape)) if ref.shape != out.shape else f"{(out - ref).abs().max():.3g}"
                 raise RuntimeError(
                     f"shrink_model: the shrunk model's output differs from the masked model's (max abs diff {diff}). "

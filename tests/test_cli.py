@@ -123,7 +123,7 @@ def test_export_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
     assert out.stat().st_size < plain_path.stat().st_size
 
 
-def test_export_never_writes_over_the_checkpoint(
+def test_export_never_writes_over_the_checkpoint_and_names_a_wrong_input_shape(
     fitted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run.pt"
@@ -133,6 +133,9 @@ def test_export_never_writes_over_the_checkpoint(
     for argv in (["export", str(run), "--output", str(run)], ["export", str(run), "-f", "compressed", "-o", str(run)]):
         assert main(argv) == 2
         assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert main(["export", str(run), "-f", "shrunk", "--input-shape", "1,3,32,32"]) == 2  # LeNet-300-100 takes 1x28x28
+    err = capsys.readouterr().err
+    assert "cannot run on the example input of shape (1, 3, 32, 32)" in err and "Traceback" not in err
     kept = torch.load(run, map_location="cpu", weights_only=True)
     assert kept["optimizer_states"] and kept["global_step"] == 1024 // 64  # the training state is intact
 

@@ -245,3 +245,40 @@ def test_load_shrunk_with_a_class_that_does_not_take_the_stored_arguments_says_s
 
     with pytest.raises(ValueError, match=r"Could not instantiate Other with the checkpoint's hyper_parameters"):
         load_shrunk(shrunk, Other)
+
+
+class LogInput(nn.Module):
+    """Takes a non-negative input (a power spectrum) through log: negative probe values would give NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, power):
+        return self.fc2(torch.relu(self.fc1(torch.log(power + 1e-6))))
+
+
+def test_shrinking_a_model_that_needs_non_negative_inputs_stays_exact():
+    torch.manual_seed(0)
+    net = LogInput()
+    masks = inject_masks(net, granularity="channel")
+    with torch.no_grad():
+        masks["fc1"].mask[:4] = -1.0
+    example = torch.rand(4, 16)
+    small, _ = shrink_model(net, example)
+    assert small.fc1.out_features == 4
+    x = torch.rand(32, 16) * 5
+    torch.testing.assert_close(small(x), net.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_an_example_input_the_model_cannot_run_is_a_clear_error(tmp_path):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 10))
+    inject_masks(net)
+    wrong = torch.zeros(1, 3, 32, 32)
+    message = r"cannot run on the example input of shape \(1, 3, 32, 32\) \(RuntimeError: mat1 and mat2"
+    with pytest.raises(ValueError, match="shrink_model: Sequential " + message):
+        shrink_model(net, wrong)
+    with pytest.raises(ValueError, match="format='shrunk': .*" + message):
+        export_pruned(net, tmp_path / "net.shrunk.pt", format="shrunk", example_input=wrong)
+    assert not (tmp_path / "net.shrunk.pt").exists()
