@@ -1224,14 +1224,15 @@ def _report_from_state_dict(state_dict: Mapping[str, torch.Tensor], note: str) -
 
 
 def sparsity_report(
-    model_or_checkpoint: nn.Module | str | Path,
+    model_or_checkpoint: nn.Module | str | Path | Mapping[str, Any],
     example_input: Any = None,
     model_class: type[nn.Module] | nn.Module | Callable[[], nn.Module] | None = None,
 ) -> SparsityReport:
     """Sparsity report of a model or of a Lightning checkpoint (``.ckpt``) written during SCL training.
 
     Args:
-        model_or_checkpoint: a model (masked or not), or a checkpoint path (loaded with ``weights_only=True``).
+        model_or_checkpoint: a model (masked or not), a checkpoint path (loaded with ``weights_only=True``) or a
+            loaded checkpoint dict; with or without masks (a dense baseline).
         example_input: what ``forward`` takes (a batch; its first sample is used). Default for a LightningModule:
             its ``example_input_array``. Without one the report holds counts only.
         model_class: for a checkpoint: the class to rebuild the model from (``model_class(**hyper_parameters)``,
@@ -1248,10 +1249,14 @@ def sparsity_report(
     if isinstance(model_or_checkpoint, nn.Module):
         model = model_or_checkpoint
     else:
-        # export's loader: one place names an unreadable file, mismatched keys and their fixes
-        checkpoint = _load_checkpoint_file(Path(model_or_checkpoint), accepts_model=True, accepts_dict=False)
-        if "state_dict" not in checkpoint:
-            raise ValueError(f"{str(model_or_checkpoint)!r} has no 'state_dict': not a Lightning checkpoint")
+        if isinstance(model_or_checkpoint, Mapping):
+            checkpoint = model_or_checkpoint
+        else:
+            # export's loader: one place names an unreadable file, mismatched keys and their fixes
+            checkpoint = _load_checkpoint_file(Path(model_or_checkpoint), accepts_model=True, accepts_dict=False)
+        if not isinstance(checkpoint.get("state_dict"), Mapping):
+            where = "the checkpoint" if isinstance(model_or_checkpoint, Mapping) else repr(str(model_or_checkpoint))
+            raise ValueError(f"{where} has no 'state_dict': not a Lightning checkpoint")
         if model_class is None:
             return _report_from_state_dict(
                 checkpoint["state_dict"], "FLOPs need the model: pass model_class (and example_input)"

@@ -155,6 +155,17 @@ def test_report_checkpoint(fitted_run: Path, capsys: pytest.CaptureFixture[str])
     assert (out_dir / "last_sparsity.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_of_a_dense_baseline_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dense = tmp_path / "dense.ckpt"
+    model = ImageClassifier("lenet300", input_shape=(1, 28, 28))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, dense)
+    assert main(["report", str(dense), "--out-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    totals = json.loads((tmp_path / "dense_sparsity.json").read_text())["totals"]
+    assert totals["density"] == 1.0 and totals["params_total"] == sum(p.numel() for p in model.parameters())
+    assert totals["dense_flops"] == totals["effective_flops"] == (784 * 300 + 300 * 100 + 100 * 10)
+
+
 def test_demo(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["demo", "--epochs=1", "--train-subset=1024", "--target-density=0.3", "--accelerator=cpu", "--num-threads=2"]
     threads = torch.get_num_threads()
