@@ -607,6 +607,16 @@ class ImageNetDataModule(_LoaderMixin, L.LightningDataModule):
         else:
             assert self.train_dir is not None and self.val_dir is not None
             train, held_out = self._folder(self.train_dir), self._folder(self.val_dir)
+            if held_out.classes != train.classes:
+                # ImageFolder numbers classes by sorted folder name: other names would silently relabel the images
+                only_train = sorted(set(train.classes) - set(held_out.classes))[:5]
+                only_val = sorted(set(held_out.classes) - set(train.classes))[:5]
+                raise ValueError(
+                    f"The class folders of {self.val_dir} differ from those of {self.train_dir} (only in train: "
+                    f"{only_train}, only in val: {only_val}; first five each): the labels would not match. Use "
+                    "the same folder names (e.g. the WordNet ids n01440764...) in both; ImageNet's flat val/ folder "
+                    "must be sorted into class subfolders first."
+                )
         self.train_indices, self.val_indices = split_train_val(len(train), self.val_size, self.seed, self.train_subset)
         self.train_set = TransformSubset(train, self.train_indices.tolist(), train_tf)
         self.test_set = TransformSubset(held_out, range(len(held_out)), eval_tf)

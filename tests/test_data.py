@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -417,3 +418,10 @@ def test_imagenet_module_on_folders(tmp_path: Path) -> None:
         ImageNetDataModule(train, val, num_classes=1000, num_workers=0).setup("fit")
     with pytest.raises(ValueError, match="train_dir"):
         ImageNetDataModule()
+    renamed = tmp_path / "val_renamed"
+    shutil.copytree(val, renamed)
+    (renamed / "class0").rename(renamed / "tench")  # same count, other names: would silently relabel
+    with pytest.raises(
+        ValueError, match=r"differ from those of .*only in train: \['class0'\], only in val: \['tench'\]"
+    ):
+        ImageNetDataModule(train, str(renamed), num_classes=2, num_workers=0).setup("fit")
