@@ -282,3 +282,20 @@ def test_an_example_input_the_model_cannot_run_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="format='shrunk': .*" + message):
         export_pruned(net, tmp_path / "net.shrunk.pt", format="shrunk", example_input=wrong)
     assert not (tmp_path / "net.shrunk.pt").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "compressed", "state_dict", "shrunk"])
+def test_exported_files_get_the_umask_mode_not_a_private_one(fmt, tmp_path):
+    import os
+
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    inject_masks(net)
+    old = os.umask(0o022)
+    try:
+        written = export_pruned(net, tmp_path / f"net.{fmt}", format=fmt, example_input=torch.randn(2, 4))
+        assert written.stat().st_mode & 0o777 == 0o644  # readable by the service that serves it
+        written.chmod(0o640)
+        export_pruned(net, written, format=fmt, example_input=torch.randn(2, 4))
+        assert written.stat().st_mode & 0o777 == 0o640  # replacing a file keeps its mode
+    finally:
+        os.umask(old)
