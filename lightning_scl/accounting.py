@@ -1238,7 +1238,8 @@ def sparsity_report(
         model_class: for a checkpoint: the class to rebuild the model from (``model_class(**hyper_parameters)``,
             masks injected where the checkpoint has them, weights loaded; or a factory or an instance, as for
             :func:`~lightning_scl.export.load_masked_checkpoint`): needed for FLOPs. Without it, params,
-            kept connections and density come from the tensors alone (layer types unknown: ``"?"``).
+            kept connections and density come from the tensors alone (layer types unknown: ``"?"``; a tensor
+            cannot tell a parameter from a buffer, so buffers other than batch norm's statistics count as params).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
