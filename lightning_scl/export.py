@@ -443,6 +443,8 @@ def plain_copy(model: nn.Module) -> nn.Module:
     ``strip_masks`` on a ``copy.deepcopy`` is unsafe: the copy shares the parametrized class that
     ``torch.nn.utils.parametrize`` created for the original, and removing the parametrization deletes the
     ``weight`` property from that shared class, breaking the original. This undoes the parametrization per instance.
+    Other parametrizations (``spectral_norm``, ``weight_norm``...) are folded too, to the value they give in eval
+    mode: the copy is the inference model.
 
     Example:
         >>> from lightning_scl.masking import inject_masks
@@ -453,21 +455,21 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """
     clone = _detached_deepcopy(model)
     folded: dict[int, nn.Parameter] = {}  # tied weights stay tied
-    for name, layer in list(clone.named_modules()):
+    for layer in list(clone.modules()):
         if not parametrize.is_parametrized(layer):
             continue
         new_params = {}
         for tensor_name, plist in layer.parametrizations.items():
-            if len(plist) != 1 or not isinstance(plist[0], ConnectivityMask):
-                raise ValueError(
-                    f"Layer {name!r} carries parametrizations other than a connectivity mask on {tensor_name!r}; "
-                    "remove them before exporting."
-                )
             original = plist.original
             param = folded.get(id(original))
             if param is None:
                 with torch.no_grad():
-                    value = torch.where(plist[0].gate(), original, original.new_zeros(()))
+                    if len(plist) == 1 and isinstance(plist[0], ConnectivityMask):
+                        value = torch.where(plist[0].gate(), original, original.new_zeros(()))  # exact where W is inf
+                    else:
+                        with modes_restored(layer):
+                            layer.eval()  # spectral_norm runs a power iteration per access in train mode
+                            value = getattr(layer, tensor_name).detach().clone()
                 param = folded[id(original)] = nn.Parameter(value, requires_grad=original.requires_grad)
             new_params[tensor_name] = param
         del layer._modules["parametrizations"]
@@ -1092,7 +1094,8 @@ def shrink_model(
 
 def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -> tuple[nn.Module, dict[str, Any]]:
     inputs = _example_inputs(model, example_input, "shrink_model")
-    work = plain_copy(model) if has_masks(model) else _detached_deepcopy(model)
+    parametrized = any(parametrize.is_parametrized(m) for m in model.modules())
+    work = plain_copy(model) if parametrized else _detached_deepcopy(model)
     work.eval()
     params_before = _count_params(work)
     shrinker = _Shrinker(work, inputs)
@@ -1141,8 +1144,8 @@ def replay_shrink(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
 
     if record.get("format") != _SHRUNK_FORMAT:
         raise ValueError("Not a lightning_scl shrink record")
-    if has_masks(model):
-        model = plain_copy(model)
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        model = plain_copy(model)  # the shrunk model was made from the folded copy: masks, spectral_norm...
     inputs = tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in record["example_inputs"])
     with modes_restored(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

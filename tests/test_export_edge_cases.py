@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_scl import ELUSwap, SparseConnectivityLearning
@@ -299,3 +300,32 @@ def test_exported_files_get_the_umask_mode_not_a_private_one(fmt, tmp_path):
         assert written.stat().st_mode & 0o777 == 0o640  # replacing a file keeps its mode
     finally:
         os.umask(old)
+
+
+def _spectral_discriminator() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), spectral_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
+
+
+@pytest.mark.parametrize("fmt", ["shrunk", "onnx"])
+def test_a_spectral_norm_layer_is_folded_into_shrunk_and_onnx_exports(fmt, tmp_path):
+    torch.manual_seed(0)
+    net = _spectral_discriminator()
+    for _ in range(3):
+        net(torch.randn(4, 8))  # power iterations in train mode: u and v are no longer their initial values
+    masks = inject_masks(net, layers=[("0", net[0]), ("4", net[4])], granularity="channel")
+    with torch.no_grad():
+        masks["0"].mask[:6] = -1.0  # six hidden units switched off
+    x = torch.randn(32, 8)
+    expected = net.eval()(x)
+    net.train()
+    path = export_pruned(net, tmp_path / f"d.{fmt}", format=fmt, example_input=torch.randn(2, 8))
+    if fmt == "shrunk":
+        small = load_shrunk(path, _spectral_discriminator)
+        assert small[0].out_features == 10
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-5)
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {session.get_inputs()[0].name: x[:2].numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), expected[:2], rtol=1e-4, atol=1e-5)
+    assert sum(parametrize.is_parametrized(m) for m in net.modules()) == 3  # masks and spectral norm stay
