@@ -47,7 +47,7 @@ from lightning_scl import (
 from lightning_scl._fetch import SOURCES
 from lightning_scl.accounting import sparsity_report
 from lightning_scl.cli import main as cli_main
-from lightning_scl.data import ChecksumError, CIFAR10DataModule, MNISTDataModule
+from lightning_scl.data import ChecksumError, CIFAR10DataModule, ImageNetDataModule, MNISTDataModule
 from lightning_scl.memory import retain_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +229,24 @@ def export_fp16_overflow(tmp: Path) -> Trigger:
     inject_masks(net, layers=[("0", net[0])])
     net[1].running_var.fill_(1.0e5)
     return functools.partial(export_pruned, net, tmp / "model.safetensors", dtype="float16")
+
+
+def export_wrong_example_shape(tmp: Path) -> Trigger:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 10))
+    inject_masks(net)
+    example = torch.zeros(1, 3, 32, 32)
+    return functools.partial(export_pruned, net, tmp / "model.shrunk.pt", format="shrunk", example_input=example)
+
+
+def imagenet_renamed_val_classes(tmp: Path) -> Trigger:
+    from PIL import Image
+
+    for split, names in (("train", ("n01440764", "n01443537")), ("val", ("tench", "goldfish"))):
+        for name in names:
+            (tmp / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp / split / name / "0.png")
+    module = ImageNetDataModule(str(tmp / "train"), str(tmp / "val"), num_classes=2, num_workers=0)
+    return functools.partial(module.setup, "fit")
 
 
 def mask_tied_weight(tmp: Path) -> Trigger:
@@ -694,6 +712,30 @@ CASES: list[Case] = [
         fix=r"Give another output path",
         says="ValueError: Cannot export to 'last.pt': it is the checkpoint being exported",
         todo="Write the export to another file; `lightning-scl export last.pt -f state_dict` writes `last.pruned.pt`.",
+    ),
+    Case(
+        id="export-wrong-example-shape",
+        did='`export_pruned(model, path, format="shrunk", example_input=torch.zeros(1, 3, 32, 32))` for an MNIST model',
+        make=export_wrong_example_shape,
+        raises=ValueError,
+        problem=r"cannot run on the example input of shape \(1, 3, 32, 32\)",
+        fix=r"Give a batch shaped like the model's input",
+        says="ValueError: format='shrunk': Sequential cannot run on the example input of shape (1, 3, 32, 32) "
+        "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3072 and 784x30))",
+        todo="Pass a batch shaped like the model's input (`--input-shape 1,1,28,28` on the command line), or set "
+        "`example_input_array`.",
+    ),
+    Case(
+        id="imagenet-renamed-val-classes",
+        did="`ImageNetDataModule(train_dir, val_dir)` whose val class folders are named differently from train's",
+        make=imagenet_renamed_val_classes,
+        raises=ValueError,
+        problem=r"differ from those of .*the labels would not match",
+        fix=r"Use the same folder names",
+        says="ValueError: The class folders of val differ from those of train (only in train: ['n01440764', "
+        "'n01443537'], only in val: ['goldfish', 'tench']",
+        todo="Name the class folders alike in both (the WordNet ids); sort ImageNet's flat `val/` into class "
+        "subfolders first.",
     ),
     Case(
         id="export-float16-overflow",
