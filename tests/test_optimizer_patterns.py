@@ -38,6 +38,15 @@ def test_each_optimizer_of_a_gan_steps_the_masks_of_its_own_weights():
     assert scl.stepped == [{"G.0"}, {"D.0"}, {"G.0"}, {"D.0"}]
 
 
+def test_masks_under_one_of_several_optimizers_step_only_with_it():
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.0, freeze_masks_at=None, include=["D.*"], report=False)
+    quiet_trainer(max_steps=4, callbacks=[scl]).fit(GAN(), gan_data())
+    # only the discriminator is masked, and only the discriminator's steps train its mask: the generator's loss
+    # reached it while toggle_optimizer had frozen D's weights
+    assert scl.stepped == [{"D.0"}, {"D.0"}]
+
+
 class GANWithSharedFixedLayer(GAN):
     """A layer both losses pass through whose weight no optimizer holds (only its mask learns)."""
 

@@ -361,7 +361,7 @@ class SparseConnectivityLearning(Callback):
         self._batched_step = False
         self._force_batched_step: bool | None = None  # tests: the batched mask step on the CPU too
         self._decayed_originals: list[str] | None = None
-        self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight, if several
+        self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight (several only)
         self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
         self._lambda_batch: int | None = None  # the batch lam was last updated at
         self._unowned_batch: int | None = None  # the batch the masks of weights no optimizer holds last stepped at
@@ -964,16 +964,19 @@ class SparseConnectivityLearning(Callback):
         self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, with_unowned: bool = True
     ) -> dict[str, ConnectivityMask]:
         """The masks whose weights ``optimizer`` steps (``with_unowned``: and masks on weights no optimizer holds):
-        all of them unless the masked weights are spread over several optimizers (manual optimization)."""
+        all of them with a single optimizer."""
         if self._owners is None:  # the user's param groups are fixed once fit has started
             owners: dict[str, int] = {}
-            for opt in trainer.optimizers:
-                held = {id(p) for group in opt.param_groups for p in group["params"]}
-                for name, original in self._originals.items():
-                    if id(original) in held:
-                        owners.setdefault(name, id(opt))
-            self._owners = owners if len(set(owners.values())) > 1 else {}
-        if not self._owners:
+            # Several optimizers (manual optimization): even when one of them holds every masked weight, the others'
+            # steps must not train those masks on their own losses (a GAN masking only the discriminator).
+            if len(trainer.optimizers) > 1:
+                for opt in trainer.optimizers:
+                    held = {id(p) for group in opt.param_groups for p in group["params"]}
+                    for name, original in self._originals.items():
+                        if id(original) in held:
+                            owners.setdefault(name, id(opt))
+            self._owners = owners
+        if len(trainer.optimizers) < 2:
             return self._masks
         unowned = id(optimizer) if with_unowned else None
         return {name: m for name, m in self._masks.items() if self._owners.get(name, unowned) == id(optimizer)}
