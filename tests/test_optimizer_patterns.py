@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
@@ -179,6 +179,24 @@ def test_masks_already_on_the_model_are_continued_and_announced(caplog):
     with caplog.at_level(logging.INFO):  # a model without masks: nothing carried over, nothing announced
         quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(report=False)]).fit(MLP(), loader())
     assert not any("already on the model" in r.getMessage() for r in caplog.records)
+
+
+def test_resuming_with_a_callback_an_earlier_fit_used_restores_its_mask_momentum(tmp_path):
+    def fit(scl, ckpt_path=None, save=False):
+        torch.manual_seed(0)
+        model = MLP(weight_decay=1e-3)
+        callbacks = [scl] + ([ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)] if save else [])
+        trainer = quiet_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=save)
+        trainer.fit(model, loader(), ckpt_path=ckpt_path)
+        return model
+
+    settings = dict(target_density=0.3, mask_lr=0.1, freeze_masks_at=0.8, report=False)
+    first = SparseConnectivityLearning(**settings)
+    uninterrupted = fit(first, save=True)
+    after_one_epoch = min(tmp_path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    resumed = fit(first, ckpt_path=after_one_epoch)  # the same callback object, whose old mask optimizer is gone
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 def test_masks_made_with_another_estimator_are_an_error():

@@ -354,6 +354,7 @@ class SparseConnectivityLearning(Callback):
         self._mask_optimizer: torch.optim.SGD | None = None
         self._fused_mask_optimizer: bool | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._fitting = False  # between on_fit_start and teardown: the mask optimizer is this fit's
         self._wrapped: dict[str, tuple[nn.Module, bool, Any]] = {}
         self._reg_scales: dict[str, float] | None = None
         self._frozen = False
@@ -529,6 +530,7 @@ class SparseConnectivityLearning(Callback):
         return result
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fitting = False
         self._unwrap_methods()
         for mask in self._masks.values():  # leave the model as trainable as it came
             mask.mask.requires_grad_(True)
@@ -575,6 +577,7 @@ class SparseConnectivityLearning(Callback):
         self._mask_optimizer = torch.optim.SGD(
             params, lr=self.mask_lr, momentum=self.mask_momentum, weight_decay=0.0, fused=self._fused_mask_optimizer
         )
+        self._fitting = True
         if self._pending_state is not None:
             self._load_pending_state()
         self._set_mask_gradients(trainer)  # a run resumed after the freeze starts frozen
@@ -679,7 +682,9 @@ class SparseConnectivityLearning(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)
-        if self._mask_optimizer is not None:  # loaded after fit start (e.g. by hand)
+        # Loaded after fit start (by hand): now. Before it, also into a callback an earlier fit used (its optimizer
+        # is about to be replaced): at fit start.
+        if self._fitting and self._mask_optimizer is not None:
             self._load_pending_state()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
