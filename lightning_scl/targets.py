@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -120,7 +121,7 @@ def select_layers(
 
     A module reachable under several names is listed once. Layers already carrying a mask are still listed
     (injection skips them). Raises ``ValueError`` listing the candidates when the selection is empty or when an
-    ``include`` pattern matches no candidate (usually a typo).
+    ``include`` pattern matches no candidate (usually a typo); warns when an ``exclude`` pattern matches none.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
@@ -140,6 +141,14 @@ def select_layers(
             raise ValueError(
                 f"include pattern {pattern!r} matches no maskable layer. Candidates: {names or 'none'}. "
                 "Patterns are globs on qualified names (e.g. 'features.*') or 're:<regex>'."
+            )
+    for pattern in exclude:
+        if not any(_matches(name, pattern) for name in names):
+            # a warning, not an error: one recipe's exclude list may serve several architectures
+            warnings.warn(
+                f"exclude pattern {pattern!r} matches no maskable layer, so it excludes nothing. Candidates: "
+                f"{names or 'none'}. Patterns are globs on qualified names (e.g. 'classifier.*') or 're:<regex>'.",
+                stacklevel=2,
             )
     selected = [
         (name, sub)

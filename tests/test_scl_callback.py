@@ -482,6 +482,13 @@ def test_selecting_nothing_is_an_error_listing_candidates():
         fit(MLP(), [SparseConnectivityLearning(include=["encoder.*"])], max_steps=1)
 
 
+def test_an_exclude_pattern_that_matches_nothing_is_named_in_a_warning():
+    scl = SparseConnectivityLearning(lam=0.1, exclude=["model.fc3"], report=False)  # a typo: the head is "head"
+    with pytest.warns(UserWarning, match=r"exclude pattern 'model.fc3' matches no maskable layer.*'head'"):
+        fit(MLP(), [scl], max_steps=1)
+    assert sorted(scl.masks) == ["head", "net.0", "net.2"]
+
+
 def test_logs_density_connections_lambda_reg_loss(tmp_path):
     torch.manual_seed(0)
     scl = SparseConnectivityLearning(lam=0.2, log_per_layer=True, fan_in_exponent=0)
