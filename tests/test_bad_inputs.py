@@ -249,6 +249,16 @@ def imagenet_renamed_val_classes(tmp: Path) -> Trigger:
     return functools.partial(module.setup, "fit")
 
 
+def averaging_before_scl(tmp: Path) -> Trigger:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from tests.conftest import loader, quiet_trainer
+
+    callbacks = [EMAWeightAveraging(), SparseConnectivityLearning(report=False)]
+    trainer = quiet_trainer(max_steps=1, default_root_dir=tmp, callbacks=callbacks)
+    return functools.partial(trainer.fit, _mlp()(), loader(n=32))
+
+
 def mask_tied_weight(tmp: Path) -> Trigger:
     class TiedLM(nn.Module):
         def __init__(self) -> None:
@@ -736,6 +746,17 @@ CASES: list[Case] = [
         "'n01443537'], only in val: ['goldfish', 'tench']",
         todo="Name the class folders alike in both (the WordNet ids); sort ImageNet's flat `val/` into class "
         "subfolders first.",
+    ),
+    Case(
+        id="averaging-before-scl",
+        did="`Trainer(callbacks=[EMAWeightAveraging(), SparseConnectivityLearning()])`: the averaging callback first",
+        make=averaging_before_scl,
+        raises=ValueError,
+        problem=r"EMAWeightAveraging comes before SparseConnectivityLearning",
+        fix=r"List SparseConnectivityLearning first",
+        says="ValueError: EMAWeightAveraging comes before SparseConnectivityLearning in Trainer(callbacks=[...]). It "
+        "copies the model in its setup, before the masks exist",
+        todo="Put `SparseConnectivityLearning` before `EMAWeightAveraging` / `StochasticWeightAveraging` in the list.",
     ),
     Case(
         id="export-float16-overflow",

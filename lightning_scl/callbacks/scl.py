@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -449,7 +449,41 @@ class SparseConnectivityLearning(Callback):
                 delattr(pl_module, name)
         self._wrapped.clear()
 
+    def _averaging_callbacks(self, trainer: L.Trainer) -> list[Callback]:
+        """Lightning's weight averaging callbacks (EMA, SWA) in this run."""
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return [cb for cb in callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
+
+    def _check_averaging_order(self, trainer: L.Trainer) -> None:
+        callbacks = list(getattr(trainer, "callbacks", None) or [])
+        mine = next((i for i, cb in enumerate(callbacks) if cb is self), len(callbacks))
+        early = [type(cb).__name__ for cb in self._averaging_callbacks(trainer) if callbacks.index(cb) < mine]
+        if early:
+            raise ValueError(
+                f"{early[0]} comes before SparseConnectivityLearning in Trainer(callbacks=[...]). It copies the "
+                "model in its setup, before the masks exist, and its hooks must run after this callback's, which "
+                "keep the masks out of the average. List SparseConnectivityLearning first: "
+                f"callbacks=[scl, {early[0]}(...)]."
+            )
+
+    def _sync_averaged_masks(self, trainer: L.Trainer) -> None:
+        """Give the averaged models of EMA/SWA callbacks the current masks: the average is of the weights, under the
+        connectivity training learned (an average of mask variables is a connectivity nobody trained, at another
+        density). Runs just before those callbacks swap, copy or save their average (they are listed after this)."""
+        for callback in self._averaging_callbacks(trainer):
+            averaged = getattr(callback, "_average_model", None)
+            averaged = getattr(averaged, "module", averaged)  # WeightAveraging's AveragedModel wraps the copy
+            if not isinstance(averaged, nn.Module):
+                continue
+            with torch.no_grad():
+                for name, _, mask in iter_masks(averaged):
+                    current = self._masks.get(name)
+                    if current is not None and current.mask.shape == mask.mask.shape:
+                        mask.mask.copy_(current.mask.to(mask.mask.device))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_averaging_order(trainer)
         if not self._masks:
             self._carried_over = sum(1 for _ in iter_masks(pl_module))
         try:
@@ -687,7 +721,14 @@ class SparseConnectivityLearning(Callback):
         if self._fitting and self._mask_optimizer is not None:
             self._load_pending_state()
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync_averaged_masks(trainer)  # EMA swaps its average in for validation
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync_averaged_masks(trainer)  # EMA and SWA copy their average into the model
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._sync_averaged_masks(trainer)  # EMA saves its average as the checkpoint's state_dict
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})
         record["scl"] = {
             "layers": list(self._masks),
@@ -1166,6 +1207,7 @@ class SparseConnectivityLearning(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._masks:
             return
+        self._sync_averaged_masks(trainer)  # SWA copies its average into the model at its last epoch
         self._warn_collapsed({name: mask.kept_tensor() for name, mask in self._masks.items()})
         kept, total = self._kept_and_total()
         pl_module.log_dict(
