@@ -102,6 +102,38 @@ def test_pruned_weights_of_both_gan_networks_keep_their_values_under_weight_deca
         assert not torch.equal(original[:, half:], before[key][:, half:]), name  # the kept ones trained
 
 
+class BackboneAndHead(MLP):
+    """BackboneFinetuning's recipe: the optimizer starts with the head; the backbone's group is added at unfreeze."""
+
+    def __init__(self):
+        super().__init__(weight_decay=0.5)
+        self.backbone = self.net
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=0.1, weight_decay=self.hparams.weight_decay)
+
+
+def test_pruned_weights_of_a_param_group_added_during_fit_are_protected_from_weight_decay():
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    model = BackboneAndHead()
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if name.endswith("weight")}
+    scl = SparseConnectivityLearning(lam=0.0, mask_lr=1e-9, freeze_masks_at=None, report=False)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    quiet_trainer(max_epochs=3, callbacks=[scl, SwitchOffHalf(), unfreeze]).fit(model, loader())
+    for name in ("backbone.0", "backbone.2"):
+        original = model.get_submodule(name).parametrizations.weight.original.detach()
+        half = original.shape[1] // 2
+        initial = before[f"net.{name[-1]}.weight"]
+        assert torch.equal(original[:, :half], initial[:, :half]), name  # decay never touched the pruned ones
+        assert not torch.equal(original[:, half:], initial[:, half:]), name  # the kept ones trained after unfreeze
+
+
 def test_progress_counts_batches_under_manual_optimization_with_two_optimizers():
     torch.manual_seed(0)
     seen: list[tuple[int, bool]] = []

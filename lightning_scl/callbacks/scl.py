@@ -362,6 +362,7 @@ class SparseConnectivityLearning(Callback):
         self._batched_step = False
         self._force_batched_step: bool | None = None  # tests: the batched mask step on the CPU too
         self._decayed_originals: list[str] | None = None
+        self._decay_layout: tuple[tuple[int, bool], ...] = ()  # the param groups _decayed_originals was made from
         self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight (several only)
         self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
         self._lambda_batch: int | None = None  # the batch lam was last updated at
@@ -1138,7 +1139,13 @@ class SparseConnectivityLearning(Callback):
             )
 
     def _snapshot_pruned_weights(self, trainer: L.Trainer, active: dict[str, ConnectivityMask]) -> None:
-        if self._decayed_originals is None:  # the user's param groups are fixed once fit has started
+        # Param groups can grow during fit (BackboneFinetuning unfreezes its backbone with add_param_group) and a
+        # schedule can switch weight decay on: recount when their layout changes, a few integers per step.
+        layout = tuple(
+            (len(g["params"]), bool(g.get("weight_decay", 0))) for opt in trainer.optimizers for g in opt.param_groups
+        )
+        if self._decayed_originals is None or layout != self._decay_layout:
+            self._decay_layout = layout
             decayed = {
                 id(p)
                 for opt in trainer.optimizers
