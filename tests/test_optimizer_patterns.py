@@ -182,6 +182,31 @@ def test_true_half_precision_keeps_masks_float32_so_small_updates_land(precision
         assert torch.allclose(mask.mask.detach(), torch.full_like(mask.mask, 2.0 - 10 * 0.003), atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_resuming_in_true_half_precision_continues_from_the_float32_masks(precision, tmp_path):
+    seen = {}
+
+    class FirstBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen:
+                seen.update({k: v.detach().clone() for k, v in pl_module.named_parameters() if k.endswith(".mask")})
+
+    def run(ckpt_path=None):
+        torch.manual_seed(0)
+        scl = SparseConnectivityLearning(lam=0.3, mask_lr=0.05, mask_init=0.1, freeze_masks_at=None, report=False)
+        callbacks = [scl, FirstBatch(), ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)]
+        trainer = quiet_trainer(max_epochs=2, precision=precision, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(MLP(), loader(), ckpt_path=ckpt_path)
+
+    run()
+    first_epoch = min(tmp_path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    saved = torch.load(first_epoch, weights_only=True)["state_dict"]
+    seen.clear()
+    run(ckpt_path=first_epoch)
+    for key, value in seen.items():
+        assert value.dtype == torch.float32 and torch.equal(value, saved[key]), key  # not their half rounding
+
+
 def test_a_callback_reused_for_a_new_fit_trains_its_masks_again():
     torch.manual_seed(0)
     scl = SparseConnectivityLearning(lam=0.1, freeze_masks_at=0.5, report=False)

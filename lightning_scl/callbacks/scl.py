@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from lightning_scl.accounting import _call_args, _inference
+from lightning_scl.accounting import _MASK_SUFFIX, _call_args, _inference
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
@@ -354,6 +354,7 @@ class SparseConnectivityLearning(Callback):
         self._mask_optimizer: torch.optim.SGD | None = None
         self._fused_mask_optimizer: bool | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._checkpoint_masks: dict[str, torch.Tensor] = {}  # float32 masks of the checkpoint being resumed
         self._fitting = False  # between on_fit_start and teardown: the mask optimizer is this fit's
         self._wrapped: dict[str, tuple[nn.Module, bool, Any]] = {}
         self._reg_scales: dict[str, float] | None = None
@@ -555,6 +556,11 @@ class SparseConnectivityLearning(Callback):
                 f"{self.granularity!r}): use the layer_types/include/exclude and granularity of the run that wrote "
                 "it, or start a new run without ckpt_path."
             )
+        # A true half-precision model rounds the masks it loads: keep the checkpoint's float32 values for fit start.
+        state = checkpoint.get("state_dict", {})
+        self._checkpoint_masks = {
+            name: state[name + _MASK_SUFFIX] for name in self._masks if name + _MASK_SUFFIX in state
+        }
 
     def _remove_masks_from_user_optimizers(self, result: Any) -> Any:
         mask_ids = {id(mask.mask) for mask in self._masks.values()}
@@ -660,17 +666,23 @@ class SparseConnectivityLearning(Callback):
     def _keep_masks_float32(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """``precision="bf16-true"``/``"16-true"`` casts every parameter, the masks included: small mask updates would
         round away (a bfloat16 mask at 2.0 never moves with mask_lr 0.01). Put them back to float32."""
-        halved = [mask for mask in self._masks.values() if mask.mask.dtype != torch.float32]
+        saved, self._checkpoint_masks = self._checkpoint_masks, {}
+        halved = [name for name, mask in self._masks.items() if mask.mask.dtype != torch.float32]
         if not halved:
             return
         if trainer.world_size > 1 or _has_fsdp_units(pl_module):
             raise ValueError(
-                f"The precision plugin cast the masks to {halved[0].mask.dtype} (precision={trainer.precision!r}); "
+                f"The precision plugin cast the masks to {self._masks[halved[0]].mask.dtype} "
+                f"(precision={trainer.precision!r}); "
                 "in that precision their small updates round away. With several processes they cannot be cast back "
                 "after the strategy wrapped the model: use a mixed precision (e.g. 'bf16-mixed') instead."
             )
-        for mask in halved:
-            mask.mask.data = mask.mask.data.float()
+        for name in halved:
+            mask = self._masks[name].mask
+            value = saved.get(name)
+            exact = isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.shape == mask.shape
+            # a resumed run continues from the checkpoint's float32 masks, not from their half-precision rounding
+            mask.data = value.to(mask.device) if exact else mask.data.float()
 
     def _reset_training_state(self) -> None:
         self._frozen = False
