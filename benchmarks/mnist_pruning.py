@@ -40,7 +40,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelPruning
 from torch import nn
 
 from lightning_scl.activations import swap_activations
@@ -190,6 +190,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             scl.ste_slope = args.ste_slope
     elif args.method == "modelpruning":
         callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
+    if args.ema is not None:  # after SCL, which keeps the masks out of the average
+        callbacks.append(EMAWeightAveraging(decay=args.ema))
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
         default=5000,
         help="validation images carved from the 60k training images (0: train on all 60k, no validation accuracy)",
     )
+    parser.add_argument(
+        "--ema", type=float, default=None, help="average the weights with EMAWeightAveraging(decay=EMA) (not MP)"
+    )
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=RESULTS / "mnist_pruning.jsonl")
@@ -310,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when two runs share 2 cores)")
     parser.add_argument("--smoke", action="store_true", help="CI: 2 epochs x 3 steps on 512 samples, no output")
     args = parser.parse_args(argv)
+    if args.ema is not None and args.method == "modelpruning":
+        parser.error("--ema with --method modelpruning: the average would mix pruned and unpruned weights")
     if args.no_freeze:
         args.freeze = None
     if args.smoke:
