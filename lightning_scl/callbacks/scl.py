@@ -572,6 +572,7 @@ class SparseConnectivityLearning(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._fitting = False
+        self._checkpoint_masks = {}  # a test/validate run's checkpoint: no fit start will take them
         self._unwrap_methods()
         for mask in self._masks.values():  # leave the model as trainable as it came
             mask.mask.requires_grad_(True)
