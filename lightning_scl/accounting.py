@@ -40,14 +40,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_scl.export import _load_checkpoint_file, _rebuild_from_checkpoint
-from lightning_scl.masking import ConnectivityMask, eager_forward, iter_masks, modes_restored
+from lightning_scl.masking import ConnectivityMask, _inference, iter_masks
 
 __all__ = [
     "FLOPS_UNIT",
@@ -110,15 +109,6 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _to(example: Any, device: torch.device) -> Any:
     return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, example)
-
-
-@contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no batch-norm statistics update, no dropout), no autograd, and the eager ``forward`` of a model
-    Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored."""
-    with modes_restored(model), torch.no_grad(), eager_forward(model):
-        model.eval()
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------- layers

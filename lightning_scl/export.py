@@ -55,9 +55,11 @@ from torch.nn.utils import parametrize
 
 from lightning_scl.masking import (
     ConnectivityMask,
+    _inference,
     eager_forward,
     fold_state_dict,
     has_masks,
+    has_parametrizations,
     inject_masks,
     modes_restored,
 )
@@ -460,17 +462,20 @@ def plain_copy(model: nn.Module) -> nn.Module:
             continue
         new_params = {}
         for tensor_name, plist in layer.parametrizations.items():
-            original = plist.original
-            param = folded.get(id(original))
+            # "original", or "original0", "original1"... for a parametrization of several tensors (weight_norm)
+            originals = list(plist.parameters(recurse=False))
+            param = folded.get(id(originals[0]))
             if param is None:
                 with torch.no_grad():
                     if len(plist) == 1 and isinstance(plist[0], ConnectivityMask):
-                        value = torch.where(plist[0].gate(), original, original.new_zeros(()))  # exact where W is inf
+                        original = plist.original  # exact where W is inf, unlike W * 0
+                        value = torch.where(plist[0].gate(), original, original.new_zeros(()))
                     else:
                         with modes_restored(layer):
                             layer.eval()  # spectral_norm runs a power iteration per access in train mode
                             value = getattr(layer, tensor_name).detach().clone()
-                param = folded[id(original)] = nn.Parameter(value, requires_grad=original.requires_grad)
+                requires_grad = any(p.requires_grad for p in originals)
+                param = folded[id(originals[0])] = nn.Parameter(value, requires_grad=requires_grad)
             new_params[tensor_name] = param
         del layer._modules["parametrizations"]
         layer.__class__ = type(layer).__bases__[0]
@@ -695,18 +700,29 @@ def _probe_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[t
             else:
                 rest = first.expand(_RANDOM_PROBES, *first.shape[1:])
             probe.append(torch.cat([first, rest]))
-        if _runs_finite(model, tuple(probe)):
+        if _finite_like_the_example(model, tuple(probe)):
             return tuple(probe)
     return inputs
 
 
-def _runs_finite(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+def _finite_like_the_example(model: nn.Module, probe: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the random samples of ``probe`` leave the model's outputs finite wherever its first sample (the
+    example's) does: an output that is -inf by design (a masked-out class) must not disqualify the probe."""
     try:
         with torch.no_grad():
-            outputs = _flat_tensors(_call(model, inputs))
+            outputs = _flat_tensors(_call(model, probe))
     except Exception:
         return False
-    return all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point())
+    for out in outputs:
+        if not out.is_floating_point():
+            continue
+        bad = ~torch.isfinite(out)
+        if out.dim() >= 1 and len(out) == len(probe[0]):
+            if not torch.equal(bad, bad[:1].expand_as(bad)):
+                return False
+        elif bool(bad.any()):
+            return False
+    return True
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -1027,16 +1043,17 @@ def _example_inputs(model: nn.Module, example_input: ExampleInput | None, what: 
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise ValueError("example_input must be a tensor or a tuple of tensors")
     try:  # here, not deep inside Torch-Pruning's or the ONNX exporter's tracing where the error would be unrelated
-        with modes_restored(model), torch.no_grad(), eager_forward(model) as module:
-            module.eval()
+        with _inference(model), eager_forward(model) as module:
             _call(module, inputs)
     except Exception as err:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        kinds = ", ".join(f"{x.dtype} on {x.device}" for x in inputs)
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(
-            f"{what}: {type(model).__name__} cannot run on the example input of shape {shapes} "
-            f"({type(err).__name__}: {first_line}). Give a batch shaped like the model's input (example_input=..., "
-            "--input-shape on the command line) or set example_input_array on the LightningModule."
+            f"{what}: {type(model).__name__} cannot run on the example input of shape {shapes} ({kinds}): "
+            f"{type(err).__name__}: {first_line}. Give a batch shaped like the model's input, of its dtype and on its "
+            "device (example_input=..., --input-shape on the command line), or set example_input_array on the "
+            "LightningModule."
         ) from err
     return inputs
 
@@ -1094,8 +1111,7 @@ def shrink_model(
 
 def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -> tuple[nn.Module, dict[str, Any]]:
     inputs = _example_inputs(model, example_input, "shrink_model")
-    parametrized = any(parametrize.is_parametrized(m) for m in model.modules())
-    work = plain_copy(model) if parametrized else _detached_deepcopy(model)
+    work = plain_copy(model) if has_parametrizations(model) else _detached_deepcopy(model)
     work.eval()
     params_before = _count_params(work)
     shrinker = _Shrinker(work, inputs)
@@ -1144,7 +1160,7 @@ def replay_shrink(model: nn.Module, record: Mapping[str, Any]) -> nn.Module:
 
     if record.get("format") != _SHRUNK_FORMAT:
         raise ValueError("Not a lightning_scl shrink record")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    if has_parametrizations(model):
         model = plain_copy(model)  # the shrunk model was made from the folded copy: masks, spectral_norm...
     inputs = tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in record["example_inputs"])
     with modes_restored(model), torch.enable_grad(), warnings.catch_warnings():

@@ -385,6 +385,26 @@ def modes_restored(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no batch-norm statistics update, no dropout), no autograd, and the eager ``forward`` of a model
+    Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored."""
+    with modes_restored(model), torch.no_grad(), eager_forward(model):
+        model.eval()
+        yield
+
+
+def has_parametrizations(module: nn.Module) -> bool:
+    """Whether any submodule carries a parametrization: a connectivity mask, ``spectral_norm``, ``weight_norm``...
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> has_parametrizations(net), has_parametrizations(nn.utils.parametrizations.weight_norm(net[0]))
+        (False, True)
+    """
+    return any(parametrize.is_parametrized(m) for m in module.modules())
+
+
+@contextlib.contextmanager
 def eager_forward(module: nn.Module) -> Iterator[nn.Module]:
     """The module behind ``torch.compile``, running its eager ``forward`` inside the block.
 

@@ -729,9 +729,9 @@ CASES: list[Case] = [
         make=export_wrong_example_shape,
         raises=ValueError,
         problem=r"cannot run on the example input of shape \(1, 3, 32, 32\)",
-        fix=r"Give a batch shaped like the model's input",
+        fix=r"Give a batch shaped like the model's input, of its dtype and on its device",
         says="ValueError: format='shrunk': Sequential cannot run on the example input of shape (1, 3, 32, 32) "
-        "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3072 and 784x30))",
+        "(torch.float32 on cpu): RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3072 and 784x30)",
         todo="Pass a batch shaped like the model's input (`--input-shape 1,1,28,28` on the command line), or set "
         "`example_input_array`.",
     ),

@@ -14,8 +14,16 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from lightning_scl import ELUSwap, SparseConnectivityLearning
 from lightning_scl.accounting import SparsityAccountant, sparsity_report
-from lightning_scl.export import export_pruned, load_masked_checkpoint, load_pruned, load_shrunk, main, shrink_model
-from lightning_scl.masking import fold_state_dict, inject_masks
+from lightning_scl.export import (
+    export_pruned,
+    load_masked_checkpoint,
+    load_pruned,
+    load_shrunk,
+    main,
+    replay_shrink,
+    shrink_model,
+)
+from lightning_scl.masking import fold_state_dict, has_parametrizations, inject_masks
 from tests.conftest import MLP, loader, quiet_trainer
 
 
@@ -277,7 +285,7 @@ def test_an_example_input_the_model_cannot_run_is_a_clear_error(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 10))
     inject_masks(net)
     wrong = torch.zeros(1, 3, 32, 32)
-    message = r"cannot run on the example input of shape \(1, 3, 32, 32\) \(RuntimeError: mat1 and mat2"
+    message = r"cannot run on the example input of shape \(1, 3, 32, 32\) \(torch.float32 on cpu\): RuntimeError: mat1"
     with pytest.raises(ValueError, match="shrink_model: Sequential " + message):
         shrink_model(net, wrong)
     with pytest.raises(ValueError, match="format='shrunk': .*" + message):
@@ -329,3 +337,50 @@ def test_a_spectral_norm_layer_is_folded_into_shrunk_and_onnx_exports(fmt, tmp_p
         (out,) = session.run(None, {session.get_inputs()[0].name: x[:2].numpy()})
         torch.testing.assert_close(torch.from_numpy(out), expected[:2], rtol=1e-4, atol=1e-5)
     assert sum(parametrize.is_parametrized(m) for m in net.modules()) == 3  # masks and spectral norm stay
+
+
+class ImpossibleClass(nn.Module):
+    """Log-probabilities with one class masked out (-inf by design) and a per-sample gain on the hidden units."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("invalid", torch.tensor([False, False, True]))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) * x.sum(1, keepdim=True)
+        return torch.log_softmax(self.fc2(h).masked_fill(self.invalid, float("-inf")), dim=1)
+
+
+def test_an_output_that_is_minus_inf_by_design_keeps_the_random_probe_and_the_shrink_exact():
+    torch.manual_seed(0)
+    net = ImpossibleClass()
+    masks = inject_masks(net, layers=[("fc1", net.fc1)], granularity="channel")
+    with torch.no_grad():
+        masks["fc1"].mask[:3] = -1.0  # dead units: a one-sample probe would take the live ones for constants too
+    small, _ = shrink_model(net, torch.randn(1, 8))
+    # two of the dead units have a positive bias and pass on the per-sample gain: not constants, so they stay
+    # (a one-sample probe folded them into a bias and the shrunk model was off by 0.4)
+    assert small.fc2.in_features == 7
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net.eval()(x))
+
+
+def test_a_weight_norm_layer_is_folded_into_shrunk_exports():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def make():
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 1))
+
+    torch.manual_seed(0)
+    net = make()
+    masks = inject_masks(net, layers=[("0", net[0])], granularity="channel")
+    with torch.no_grad():
+        masks["0"].mask[:6] = -1.0
+    small, record = shrink_model(net, torch.randn(2, 8))
+    assert small[0].out_features == 10 and not has_parametrizations(small)
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(small(x), net.eval()(x), rtol=1e-4, atol=1e-5)
+    fresh = replay_shrink(make(), record)  # the fresh model's weight_norm is folded the same way
+    fresh.load_state_dict(small.state_dict())

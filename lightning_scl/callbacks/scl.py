@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.autograd.graph import increment_version
 
-from lightning_scl.accounting import _MASK_SUFFIX, _call_args, _inference
+from lightning_scl.accounting import _MASK_SUFFIX, _call_args
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
@@ -23,6 +23,7 @@ from lightning_scl.masking import (
     STES,
     ConnectivityMask,
     _count_positive,
+    _inference,
     _inverse_statistic,
     _scale_rows_and_add_,
     gate_values,
