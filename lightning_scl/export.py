@@ -160,7 +160,14 @@ def _check_writable(path: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
+    try:  # Linux reports it; setting it to read it would briefly change it for every thread of the process
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

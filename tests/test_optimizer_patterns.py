@@ -47,6 +47,35 @@ def test_masks_under_one_of_several_optimizers_step_only_with_it():
     assert scl.stepped == [{"D.0"}, {"D.0"}]
 
 
+class LateDiscriminatorLayer(GAN):
+    """D's first layer joins D's optimizer only at epoch 1 (add_param_group), as BackboneFinetuning does."""
+
+    def __init__(self):
+        super().__init__()
+        self.D = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+        self.D[0].requires_grad_(False)
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.G.parameters(), lr=0.01), torch.optim.SGD(self.D[1].parameters(), lr=0.01)]
+
+
+class UnfreezeD0(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            pl_module.D[0].requires_grad_(True)
+            trainer.optimizers[1].add_param_group({"params": list(pl_module.D[0].parameters())})
+
+
+def test_ownership_follows_param_groups_added_during_fit():
+    torch.manual_seed(0)
+    scl = StepSpy(lam=0.0, freeze_masks_at=None, include=["D.*"], report=False)
+    quiet_trainer(max_epochs=2, callbacks=[scl, UnfreezeD0()]).fit(LateDiscriminatorLayer(), gan_data())
+    # epoch 0: D.0 is held by no optimizer (one step per batch); epoch 1: it steps with D's optimizer only,
+    # never on the generator's loss
+    assert scl.stepped[-2:] == [{"D.0", "D.1"}, {"D.0", "D.1"}]
+    assert all(stepped <= {"D.0", "D.1"} for stepped in scl.stepped)
+
+
 class GANWithSharedFixedLayer(GAN):
     """A layer both losses pass through whose weight no optimizer holds (only its mask learns)."""
 
@@ -199,10 +228,11 @@ def test_resuming_in_true_half_precision_continues_from_the_float32_masks(precis
         trainer.fit(MLP(), loader(), ckpt_path=ckpt_path)
 
     run()
-    first_epoch = min(tmp_path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    (first_epoch,) = tmp_path.glob("epoch=0-*.ckpt")
     saved = torch.load(first_epoch, weights_only=True)["state_dict"]
     seen.clear()
     run(ckpt_path=first_epoch)
+    assert len(seen) == 3  # the resumed fit ran a batch, with all three masks
     for key, value in seen.items():
         assert value.dtype == torch.float32 and torch.equal(value, saved[key]), key  # not their half rounding
 
@@ -232,10 +262,11 @@ def test_masks_already_on_the_model_are_continued_and_announced(caplog):
     assert f"{len(trained)} of the masks were already on the model" in message and "mask_init=3" in message
     for name, mask in second.masks.items():  # continued from the trained values (one step on), not 3.0
         assert (mask.mask.detach() - trained[name]).abs().mean() < 0.05
-    caplog.clear()
-    with caplog.at_level(logging.INFO):  # a model without masks: nothing carried over, nothing announced
-        quiet_trainer(max_steps=1, callbacks=[SparseConnectivityLearning(report=False)]).fit(MLP(), loader())
-    assert not any("already on the model" in r.getMessage() for r in caplog.records)
+    for scl in (SparseConnectivityLearning(report=False), second):  # a new callback, and one used before
+        caplog.clear()
+        with caplog.at_level(logging.INFO):  # a model without masks: nothing carried over, nothing announced
+            quiet_trainer(max_steps=1, callbacks=[scl]).fit(MLP(), loader())
+        assert not any("already on the model" in r.getMessage() for r in caplog.records)
 
 
 def test_resuming_with_a_callback_an_earlier_fit_used_restores_its_mask_momentum(tmp_path):
@@ -250,10 +281,35 @@ def test_resuming_with_a_callback_an_earlier_fit_used_restores_its_mask_momentum
     settings = dict(target_density=0.3, mask_lr=0.1, freeze_masks_at=0.8, report=False)
     first = SparseConnectivityLearning(**settings)
     uninterrupted = fit(first, save=True)
-    after_one_epoch = min(tmp_path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    (after_one_epoch,) = tmp_path.glob("epoch=0-*.ckpt")
     resumed = fit(first, ckpt_path=after_one_epoch)  # the same callback object, whose old mask optimizer is gone
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_resuming_after_a_fit_that_raised_restores_the_mask_momentum(tmp_path):
+    class Crash(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("simulated crash")
+
+    seen: list[int] = []
+
+    class MomentumAtFirstBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen:
+                seen.append(len(scl._mask_optimizer.state_dict()["state"]))
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(target_density=0.3, mask_lr=0.1, freeze_masks_at=None, report=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # Lightning skips teardown after an exception
+        quiet_trainer(max_epochs=3, callbacks=[scl, Crash(), checkpoints], enable_checkpointing=True).fit(
+            MLP(), loader()
+        )
+    (after_one_epoch,) = tmp_path.glob("epoch=0-*.ckpt")
+    quiet_trainer(max_epochs=2, callbacks=[scl, MomentumAtFirstBatch()]).fit(MLP(), loader(), ckpt_path=after_one_epoch)
+    assert seen == [3]  # one momentum buffer per mask, from the checkpoint
 
 
 def test_masks_made_with_another_estimator_are_an_error():

@@ -20,19 +20,37 @@ class RecordMasksAtTrainEnd(SparseConnectivityLearning):
         super().on_train_end(trainer, pl_module)
 
 
+class MLPWithModuleAttribute(MLP):
+    """An attribute named ``module``, as AveragedModel's wrapped copy is: SWA's average is the model itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Identity()
+
+
+class SeenByValidation(RecordMasksAtTrainEnd):
+    def on_validation_epoch_start(self, trainer, pl_module):
+        super().on_validation_epoch_start(trainer, pl_module)
+        self.validated = getattr(self, "validated", 0) + 1
+
+
 @pytest.mark.parametrize(
-    "averaging",
-    [lambda: EMAWeightAveraging(), lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2)],
-    ids=["ema", "swa"],
+    "averaging, model_class",
+    [
+        (lambda: EMAWeightAveraging(), MLP),
+        (lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2), MLP),
+        (lambda: StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2), MLPWithModuleAttribute),
+    ],
+    ids=["ema", "swa", "swa-model-with-a-module-attribute"],
 )
-def test_averaging_keeps_the_trained_masks_and_the_target_density(averaging, tmp_path):
+def test_averaging_keeps_the_trained_masks_and_the_target_density(averaging, model_class, tmp_path):
     torch.manual_seed(0)
-    model = MLP()
-    scl = RecordMasksAtTrainEnd(target_density=0.2, mask_lr=0.1, report=False)
+    model = model_class()
+    scl = SeenByValidation(target_density=0.2, mask_lr=0.1, report=False)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    quiet_trainer(max_epochs=12, callbacks=[scl, averaging(), checkpoints], enable_checkpointing=True).fit(
-        model, loader()
-    )
+    trainer = quiet_trainer(max_epochs=12, callbacks=[scl, averaging(), checkpoints], enable_checkpointing=True)
+    trainer.fit(model, loader(), val_dataloaders=loader(n=64))  # EMA validates with its average swapped in
+    assert scl.validated >= 12
     final = {name: m.mask.detach().clone() for name, m in scl.masks.items()}
     for name, mask in scl.masks.items():  # the average changed the weights but not the masks
         assert torch.equal(mask.mask.detach(), scl.trained_masks[name]), name
@@ -41,7 +59,7 @@ def test_averaging_keeps_the_trained_masks_and_the_target_density(averaging, tmp
     assert kept == by_value and kept / total == pytest.approx(0.2, abs=0.002) and scl.density == kept / total
     model.eval()
     x = torch.randn(16, 16)
-    plain = MLP()
+    plain = model_class()
     plain.load_state_dict(fold_state_dict(model.state_dict()))
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), model(x))  # the export computes what the model does

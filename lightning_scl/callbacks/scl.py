@@ -47,6 +47,14 @@ _MAX_LOG_LAM_STEP = 0.1  # lam changes by at most ~10% per step, however short t
 _REVIVED_MASK_VALUE = 1e-3  # just above the threshold: a mask switched back on by a layer floor or the exact density
 
 
+def _param_group_layout(trainer: L.Trainer) -> tuple[tuple[int, bool], ...]:
+    """The user's parameter groups in a few integers: (size, decayed) per group. Groups can be added during fit
+    (BackboneFinetuning's add_param_group) and a schedule can switch weight decay on."""
+    return tuple(
+        (len(g["params"]), bool(g.get("weight_decay", 0))) for opt in trainer.optimizers for g in opt.param_groups
+    )
+
+
 def _optimizers_in(obj: Any) -> list[torch.optim.Optimizer]:
     """Every optimizer in whatever structure ``configure_optimizers`` returned (optimizer, list, dict, tuple...)."""
     if isinstance(obj, torch.optim.Optimizer):
@@ -366,6 +374,7 @@ class SparseConnectivityLearning(Callback):
         self._decayed_originals: list[str] | None = None
         self._decay_layout: tuple[tuple[int, bool], ...] = ()  # the param groups _decayed_originals was made from
         self._owners: dict[str, int] | None = None  # mask name -> id of the optimizer of its weight (several only)
+        self._owners_layout: tuple[tuple[int, bool], ...] = ()  # the param groups _owners was made from
         self._stepped_for: tuple[int, int] | None = None  # (global_step, optimizer id) of the last mask step
         self._lambda_batch: int | None = None  # the batch lam was last updated at
         self._unowned_batch: int | None = None  # the batch the masks of weights no optimizer holds last stepped at
@@ -475,7 +484,8 @@ class SparseConnectivityLearning(Callback):
         density). Runs just before those callbacks swap, copy or save their average (they are listed after this)."""
         for callback in self._averaging_callbacks(trainer):
             averaged = getattr(callback, "_average_model", None)
-            averaged = getattr(averaged, "module", averaged)  # WeightAveraging's AveragedModel wraps the copy
+            if isinstance(averaged, torch.optim.swa_utils.AveragedModel):  # WeightAveraging's; SWA's is the copy
+                averaged = averaged.module
             if not isinstance(averaged, nn.Module):
                 continue
             with torch.no_grad():
@@ -485,10 +495,11 @@ class SparseConnectivityLearning(Callback):
                         mask.mask.copy_(current.mask.to(mask.mask.device))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fitting = False  # also after an earlier fit that raised (Lightning then skips teardown)
         if stage == "fit":
             self._check_averaging_order(trainer)
-        if not self._masks:
-            self._carried_over = sum(1 for _ in iter_masks(pl_module))
+            ours = {id(mask) for mask in self._masks.values()}
+            self._carried_over = sum(1 for _, _, mask in iter_masks(pl_module) if id(mask) not in ours)
         try:
             self._inject(pl_module)
         except ValueError:
@@ -1026,7 +1037,9 @@ class SparseConnectivityLearning(Callback):
     ) -> dict[str, ConnectivityMask]:
         """The masks whose weights ``optimizer`` steps (``with_unowned``: and masks on weights no optimizer holds):
         all of them with a single optimizer."""
-        if self._owners is None:  # the user's param groups are fixed once fit has started
+        layout = _param_group_layout(trainer)
+        if self._owners is None or layout != self._owners_layout:  # param groups added during fit change owners
+            self._owners_layout = layout
             owners: dict[str, int] = {}
             # Several optimizers (manual optimization): even when one of them holds every masked weight, the others'
             # steps must not train those masks on their own losses (a GAN masking only the discriminator).
@@ -1153,11 +1166,7 @@ class SparseConnectivityLearning(Callback):
             )
 
     def _snapshot_pruned_weights(self, trainer: L.Trainer, active: dict[str, ConnectivityMask]) -> None:
-        # Param groups can grow during fit (BackboneFinetuning unfreezes its backbone with add_param_group) and a
-        # schedule can switch weight decay on: recount when their layout changes, a few integers per step.
-        layout = tuple(
-            (len(g["params"]), bool(g.get("weight_decay", 0))) for opt in trainer.optimizers for g in opt.param_groups
-        )
+        layout = _param_group_layout(trainer)  # recount when groups are added or decay switched on
         if self._decayed_originals is None or layout != self._decay_layout:
             self._decay_layout = layout
             decayed = {
