@@ -230,8 +230,14 @@ class MNISTAsCIFAR(MNISTDataModule):
 
 TRAIN_SETUPS: dict[str, dict[str, Any]] = {
     # model name in lightning_scl.models, data module, classifier to exclude, epochs, train subset
-    "LeNet-5-Caffe": {"model": "lenet5", "data": MNISTDataModule, "exclude": ["fc2"], "epochs": 3, "subset": None},
-    "ResNet-20": {"model": "resnet20", "data": MNISTAsCIFAR, "exclude": ["fc"], "epochs": 2, "subset": 20000},
+    "LeNet-5-Caffe": {
+        "model": "lenet5",
+        "data": MNISTDataModule,
+        "exclude": ["model.classifier.3"],
+        "epochs": 3,
+        "subset": None,
+    },
+    "ResNet-20": {"model": "resnet20", "data": MNISTAsCIFAR, "exclude": ["model.fc"], "epochs": 2, "subset": 20000},
 }
 
 
