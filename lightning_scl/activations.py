@@ -141,7 +141,8 @@ class SwapConfig:
         alpha: ELU's ``alpha`` (saturation value for large negative inputs), > 0; the initial value for
             ``LearnableELU``.
         targets: activation module types to replace, by name (keys of :data:`TARGET_TYPES`), matched exactly.
-        replacement: ``"ELU"``, ``"CELU"`` or ``"LearnableELU"`` (trainable ``alpha``, creates parameters).
+        replacement: ``"ELU"``, ``"CELU"`` or ``"LearnableELU"`` (trainable ``alpha`` per module call site, creates
+            parameters; rerouted functional calls get ELU with the fixed ``alpha``).
         include: regular expressions; when given, only modules whose qualified name or an ancestor's fully matches
             one of them are swapped (``"layer1"`` selects the whole ``layer1`` subtree).
         exclude: regular expressions, same matching; these subtrees are left alone.
