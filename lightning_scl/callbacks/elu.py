@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
@@ -253,7 +254,8 @@ class ELUSwap(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = SwapConfig.from_dict(state_dict.get("config", {}))
-        if saved != self.config:
+        # inplace changes memory use, not the function: checkpoints from before its default changed stay quiet
+        if dataclasses.replace(saved, inplace=self.config.inplace) != self.config:
             rank_zero_warn(
                 f"ELUSwap: the checkpoint was trained with {saved}, this callback swaps with {self.config}; the "
                 "model keeps this callback's swap. Use ELUSwap.from_checkpoint(path) to reproduce the checkpoint's."
