@@ -125,17 +125,21 @@ class GAN(L.LightningModule):
         self.G = nn.Sequential(nn.Linear(4, 8))
         self.D = nn.Sequential(nn.Linear(8, 1))
 
+    def critic(self, x):
+        """The discriminator's score; subclasses put layers in front of it."""
+        return self.D(x)
+
     def training_step(self, batch, batch_idx):
         x = batch[0]
         opt_g, opt_d = self.optimizers()
         z = torch.randn(x.shape[0], 4)
         self.toggle_optimizer(opt_g)
-        self.manual_backward(-self.D(self.G(z)).mean())
+        self.manual_backward(-self.critic(self.G(z)).mean())
         opt_g.step()
         opt_g.zero_grad()
         self.untoggle_optimizer(opt_g)
         self.toggle_optimizer(opt_d)
-        self.manual_backward(self.D(self.G(z).detach()).mean() - self.D(x).mean())
+        self.manual_backward(self.critic(self.G(z).detach()).mean() - self.critic(x).mean())
         opt_d.step()
         opt_d.zero_grad()
         self.untoggle_optimizer(opt_d)
