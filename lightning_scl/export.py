@@ -1050,7 +1050,7 @@ def _example_inputs(model: nn.Module, example_input: ExampleInput | None, what: 
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise ValueError("example_input must be a tensor or a tuple of tensors")
     try:  # here, not deep inside Torch-Pruning's or the ONNX exporter's tracing where the error would be unrelated
-        with _inference(model), eager_forward(model) as module:
+        with _inference(model) as module:
             _call(module, inputs)
     except Exception as err:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
@@ -1129,9 +1129,8 @@ def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -
     record["params_after"] = _count_params(work)
     record["kept_for_exactness"] = shrinker.kept_for_exactness
     if check:
-        with modes_restored(model), torch.no_grad():
-            model.eval()
-            reference = _flat_tensors(_call(model, shrinker.probe))
+        with _inference(model) as module:
+            reference = _flat_tensors(_call(module, shrinker.probe))
             result = _flat_tensors(_call(work, shrinker.probe))
         for ref, out in zip(reference, result):
             scale = float(ref.abs().max()) if ref.numel() else 1.0

@@ -385,12 +385,12 @@ def modes_restored(module: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module) -> Iterator[None]:
+def _inference(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode (no batch-norm statistics update, no dropout), no autograd, and the eager ``forward`` of a model
-    Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored."""
-    with modes_restored(model), torch.no_grad(), eager_forward(model):
+    Lightning compiled (fvcore cannot trace a compiled one); every module's mode restored. Yields the eager module."""
+    with modes_restored(model), torch.no_grad(), eager_forward(model) as module:
         model.eval()
-        yield
+        yield module
 
 
 def has_parametrizations(module: nn.Module) -> bool:

@@ -907,7 +907,8 @@ class SparseConnectivityLearning(Callback):
         active = self._masks_for(trainer, optimizer, with_unowned=batch != self._unowned_batch)
         self._unowned_batch = batch
         others = {} if active is self._masks else {n: m for n, m in self._masks.items() if n not in active}
-        toggled_off = {n: m for n, m in others.items() if n in self._owners and not self._originals[n].requires_grad}
+        owners = self._owners or {}
+        toggled_off = {n: m for n, m in others.items() if n in owners and not self._originals[n].requires_grad}
         self._drop_mask_gradients(toggled_off)
         stashed = {name: mask.mask.grad for name, mask in others.items()}
         masks = list(active.values())
@@ -1037,21 +1038,19 @@ class SparseConnectivityLearning(Callback):
     ) -> dict[str, ConnectivityMask]:
         """The masks whose weights ``optimizer`` steps (``with_unowned``: and masks on weights no optimizer holds):
         all of them with a single optimizer."""
+        if len(trainer.optimizers) < 2:
+            return self._masks
+        # Several optimizers (manual optimization): even when one of them holds every masked weight, the others'
+        # steps must not train those masks on their own losses (a GAN masking only the discriminator).
         layout = _param_group_layout(trainer)
         if self._owners is None or layout != self._owners_layout:  # param groups added during fit change owners
             self._owners_layout = layout
-            owners: dict[str, int] = {}
-            # Several optimizers (manual optimization): even when one of them holds every masked weight, the others'
-            # steps must not train those masks on their own losses (a GAN masking only the discriminator).
-            if len(trainer.optimizers) > 1:
-                for opt in trainer.optimizers:
-                    held = {id(p) for group in opt.param_groups for p in group["params"]}
-                    for name, original in self._originals.items():
-                        if id(original) in held:
-                            owners.setdefault(name, id(opt))
-            self._owners = owners
-        if len(trainer.optimizers) < 2:
-            return self._masks
+            self._owners = {}
+            for opt in trainer.optimizers:
+                held = {id(p) for group in opt.param_groups for p in group["params"]}
+                for name, original in self._originals.items():
+                    if id(original) in held:
+                        self._owners.setdefault(name, id(opt))
         unowned = id(optimizer) if with_unowned else None
         return {name: m for name, m in self._masks.items() if self._owners.get(name, unowned) == id(optimizer)}
 
