@@ -338,6 +338,14 @@ def _rebuild_from_checkpoint(checkpoint: Mapping[str, Any], model_class: Any) ->
     state_dict = _checkpoint_state_dict(checkpoint)
     model = _instantiate(model_class, checkpoint)
     meta = checkpoint.get(_META_KEY) if isinstance(checkpoint.get(_META_KEY), Mapping) else {}
+    if not meta and "pytorch-lightning_version" in checkpoint and _masked_prefixes(state_dict):
+        warnings.warn(
+            "The checkpoint has no lightning_scl record (a weights-only checkpoint saved outside a fit with the "
+            "callbacks, or edited): an ELU swap it was trained with cannot be known, so the model is rebuilt with "
+            "the class's own activations. If it was trained with ELUSwap, pass an instance swapped the same way: "
+            "lightning_scl.activations.apply_elu(Model(...), alpha=...).",
+            stacklevel=3,
+        )
     if isinstance(meta.get("elu_swap"), Mapping):
         # the trained function: without this, ONNX and shrunk exports of the checkpoint would compute ReLU
         _apply_recorded_swap(model, meta["elu_swap"])

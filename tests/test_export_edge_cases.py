@@ -384,3 +384,34 @@ def test_a_weight_norm_layer_is_folded_into_shrunk_exports():
     torch.testing.assert_close(small(x), net.eval()(x), rtol=1e-4, atol=1e-5)
     fresh = replay_shrink(make(), record)  # the fresh model's weight_norm is folded the same way
     fresh.load_state_dict(small.state_dict())
+
+
+def test_a_weights_only_checkpoint_keeps_the_records_of_the_swap_and_the_masks(tmp_path):
+    # Lightning skips Callback.on_save_checkpoint for weights-only checkpoints: without the records the loaders
+    # rebuilt ReLU for a network trained with ELU, silently.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    model = MLP()
+    saver = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, save_last=True)
+    scl = SparseConnectivityLearning(lam=0.5, granularity="channel", report=False)
+    quiet_trainer(max_steps=6, callbacks=[scl, ELUSwap(), saver], enable_checkpointing=True).fit(model, loader())
+    checkpoint = torch.load(saver.last_model_path, weights_only=True)
+    assert "optimizer_states" not in checkpoint  # weights only
+    assert set(checkpoint["lightning_scl"]) == {"scl", "elu_swap"}
+    assert checkpoint["lightning_scl"]["scl"]["granularity"] == "channel"
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        rebuilt = load_masked_checkpoint(saver.last_model_path, MLP).eval()
+        assert isinstance(rebuilt.net[1], nn.ELU)
+        torch.testing.assert_close(rebuilt(x), model.eval()(x))
+    assert "on_save_checkpoint" not in vars(model)  # the stand-in is gone after fit
+
+
+def test_a_lightning_checkpoint_without_records_is_loaded_with_a_warning(tmp_path):
+    _, path = _trained_elu_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["lightning_scl"]
+    with pytest.warns(UserWarning, match="has no lightning_scl record"):
+        rebuilt = load_masked_checkpoint(checkpoint, MLP)
+    assert isinstance(rebuilt.net[1], nn.ReLU)  # what the warning is about

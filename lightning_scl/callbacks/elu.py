@@ -20,6 +20,7 @@ from lightning_scl.activations import (
     swap_activations,
     swap_report,
 )
+from lightning_scl.callbacks._save_hook import register_record_writer, unregister_record_writer
 
 __all__ = ["ELUSwap"]
 
@@ -162,12 +163,15 @@ class ELUSwap(L.Callback):
                 "lightning_scl.activations.apply_elu(model, **settings) before trainer.fit, or use strategy='ddp'."
             )
         self._swap(pl_module)
+        # weights-only checkpoints skip on_save_checkpoint: the record is written from the module's hook too
+        register_record_writer(pl_module, self, self._write_record)
         # Modules built in configure_model appear after this hook and before the optimizers: swap them there.
         if self._wrapper is None and is_overridden("configure_model", pl_module):
             self._wrapper = _SwapAfterConfigureModel(pl_module, self.config.to_dict())
             pl_module.__dict__["configure_model"] = self._wrapper
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        unregister_record_writer(pl_module, self)
         if self._wrapper is not None:
             self._wrapper.remove()
             self._wrapper = None
@@ -245,6 +249,9 @@ class ELUSwap(L.Callback):
         self._first_batch_done()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._write_record(checkpoint)
+
+    def _write_record(self, checkpoint: dict[str, Any]) -> None:
         record = (self.report or SwapReport(self.config)).to_record()
         section = checkpoint.setdefault(CHECKPOINT_KEYS[0], {})  # shared with other lightning_scl callbacks
         section[CHECKPOINT_KEYS[1]] = record
