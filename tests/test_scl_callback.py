@@ -832,3 +832,70 @@ def test_the_batched_mask_step_trains_as_the_per_layer_one(options):
 def _with_grad(mask: ConnectivityMask) -> ConnectivityMask:
     mask.mask.grad = torch.ones_like(mask.mask)
     return mask
+
+
+class _FreezeStep(Callback):
+    """The optimizer step at which the masks froze, and the density before every step."""
+
+    def __init__(self, scl: SparseConnectivityLearning) -> None:
+        self.scl, self.frozen_at, self.density_before = scl, None, {0: 1.0}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.density_before[trainer.global_step] = self.scl.density
+        if self.scl.frozen and self.frozen_at is None:
+            self.frozen_at = trainer.global_step - 1
+
+
+def test_accumulation_schedule_changes_neither_the_ramp_nor_the_freeze_point():
+    # 8 batches per epoch, accumulating 1 then 4 from epoch 2: 2 * 8 + 6 * 2 = 28 optimizer steps. Lightning's
+    # estimated_stepping_batches drops from 64 to 16 at epoch 2, which made the schedule jump to its end.
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(target_density=0.2, freeze_masks_at=0.8)
+    spy = _FreezeStep(scl)
+    trainer = fit(MLP(), [scl, spy, GradientAccumulationScheduler({0: 1, 2: 4})], max_epochs=8)
+    assert trainer.global_step == 28
+    assert scl._total_optimizer_steps(trainer) == 28
+    assert spy.frozen_at == math.ceil(0.8 * 28)  # the first step with progress >= 0.8
+    assert scl.density == pytest.approx(0.2, abs=0.01)
+
+
+def _logged_density(logger: CSVLogger) -> dict[int, float]:
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        return {int(r["step"]): float(r["scl/density"]) for r in csv.DictReader(fh) if r.get("scl/density")}
+
+
+@pytest.mark.parametrize("period, epochs, accumulate", [(5, 5, 1), (50, 20, 1), (5, 10, 2)])
+def test_logged_density_is_the_density_of_the_step_it_is_written_at(tmp_path, period, epochs, accumulate):
+    # The logger writes on the Trainer's logging steps; metrics logged on other steps came late (stale) or, with
+    # epochs shorter than the period, never.
+    torch.manual_seed(0)
+    scl = SparseConnectivityLearning(lam=0.2)
+    spy = _FreezeStep(scl)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = fit(
+        MLP(),
+        [scl, spy],
+        max_epochs=epochs,
+        logger=logger,
+        log_every_n_steps=period,
+        accumulate_grad_batches=accumulate,
+    )
+    logged = _logged_density(logger)
+    assert sorted(logged) == list(range(period - 1, trainer.global_step, period))
+    for step, density in logged.items():
+        assert density == pytest.approx(spy.density_before[step], abs=1e-6), step
+
+
+def test_a_callback_logging_period_off_the_trainers_is_named_in_a_warning(tmp_path):
+    scl = SparseConnectivityLearning(lam=0.1, log_every_n_steps=3)
+    with pytest.warns(UserWarning, match=r"log_every_n_steps=3\) is not a multiple of Trainer\(log_every_n_steps=5\)"):
+        fit(MLP(), [scl], max_steps=2, log_every_n_steps=5)
+
+
+def test_training_that_ends_before_the_freeze_epoch_says_so():
+    scl = SparseConnectivityLearning(target_density=0.2, freeze_masks_at=8)
+    with pytest.warns(UserWarning, match=r"training ended \(step 40, epoch 5\) before the masks froze"):
+        trainer = fit(MLP(), [scl], max_epochs=10, max_steps=40)
+    assert not scl.frozen and trainer.global_step == 40

@@ -9,13 +9,19 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import (
+    Callback,
+    GradientAccumulationScheduler,
+    StochasticWeightAveraging,
+    WeightAveraging,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.autograd.graph import increment_version
 
 from lightning_scl.accounting import _MASK_SUFFIX, _call_args
+from lightning_scl.callbacks._save_hook import register_record_writer, unregister_record_writer
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
@@ -205,7 +211,9 @@ class SparseConnectivityLearning(Callback):
             for short and long runs.
         protect_pruned_weights: keep weight decay from shrinking weights whose mask is off, so they can revive.
         min_density_per_layer: never let a layer keep fewer than this fraction of its mask variables.
-        log_every_n_steps: logging period in optimizer steps (default: the Trainer's ``log_every_n_steps``).
+        log_every_n_steps: logging period in optimizer steps (default: the Trainer's ``log_every_n_steps``). The
+            logger only writes on the Trainer's logging steps, and there it writes the last values logged: use a
+            multiple of ``Trainer(log_every_n_steps)`` (the rows in between repeat the last values).
         log_per_layer: also log ``scl/density/<layer>`` for every masked layer.
         report: log ``scl/flops``, ``scl/flops_ratio``, ``scl/params_kept`` and, at the end of ``fit``, print the
             per-layer table and write ``scl_report.{csv,json}`` and plots into the log directory.
@@ -383,6 +391,8 @@ class SparseConnectivityLearning(Callback):
         self.steps_skipped_nonfinite = 0
         self._trend = 0.0  # smoothed change of log density per step (controller's derivative term)
         self._prev_log_density: float | None = None
+        self._bar_epoch: int | None = None  # the epoch the progress bar last got the density in
+        self._steps_cache: tuple[tuple[Any, ...], int] | None = None  # _total_optimizer_steps under a schedule
 
     # ------------------------------------------------------------------ public state
 
@@ -519,6 +529,8 @@ class SparseConnectivityLearning(Callback):
         # LightningModule.on_load_checkpoint runs just before the strict state_dict load of `ckpt_path=`: check the
         # checkpoint's masks there, where a mismatch can still be explained instead of listed as missing keys.
         self._wrap_method(pl_module, "on_load_checkpoint", before=self._check_checkpoint_masks)
+        # weights-only checkpoints skip on_save_checkpoint above: the record is written from the module's hook too
+        register_record_writer(pl_module, self, self._write_record)
 
     def _prepare_fsdp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Under Lightning's FSDP strategy (which wraps the model after ``setup``): masks in FSDP units of their own."""
@@ -586,6 +598,7 @@ class SparseConnectivityLearning(Callback):
         self._fitting = False
         self._checkpoint_masks = {}  # a test/validate run's checkpoint: no fit start will take them
         self._unwrap_methods()
+        unregister_record_writer(pl_module, self)
         for mask in self._masks.values():  # leave the model as trainable as it came
             mask.mask.requires_grad_(True)
 
@@ -608,6 +621,7 @@ class SparseConnectivityLearning(Callback):
         params = [mask.mask for mask in self._masks.values()]
         self._decayed_originals = None
         self._owners, self._stepped_for, self._lambda_batch, self._unowned_batch = None, None, None, None
+        self._bar_epoch = None
         if self._pending_state is None and trainer.global_step == 0:
             self._reset_training_state()  # a callback used for an earlier fit starts afresh
         fsdp_reporter = self._reporter if _has_fsdp_units(pl_module) else None  # made before FSDP wrapped the model
@@ -643,6 +657,13 @@ class SparseConnectivityLearning(Callback):
                     "Mask variables were found in a user optimizer that bypassed configure_optimizers; removed them "
                     "so only the mask optimizer updates them (no weight decay)."
                 )
+        own, period = self.log_every_n_steps, trainer.log_every_n_steps
+        if own and period and own % period:
+            rank_zero_warn(
+                f"SparseConnectivityLearning(log_every_n_steps={own}) is not a multiple of Trainer(log_every_n_steps="
+                f"{period}): the logger only writes on the Trainer's logging steps, so the SCL metrics are logged only "
+                f"every {math.lcm(own, period)} steps. Use a multiple of {period}."
+            )
         freeze, epochs = self.freeze_masks_at, trainer.max_epochs
         by_epoch = self.target_density is not None and isinstance(freeze, int) and epochs and epochs > 0
         if by_epoch and freeze / epochs <= self.ramp_end:
@@ -752,9 +773,28 @@ class SparseConnectivityLearning(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync_averaged_masks(trainer)  # EMA and SWA copy their average into the model
+        never_froze = self.freeze_masks_at is not None and not self._frozen and not trainer.fast_dev_run
+        if self.target_density is not None and never_froze and self._masks:
+            by_epoch = isinstance(self.freeze_masks_at, int)
+            rank_zero_warn(
+                f"SparseConnectivityLearning: training ended (step {trainer.global_step}, epoch "
+                f"{trainer.current_epoch}) before the masks froze at freeze_masks_at={self.freeze_masks_at!r}"
+                + (" (an epoch number)" if by_epoch else "")
+                + f": the density is {self.density:.2%}, not exactly target_density={self.target_density:.2%}, and "
+                "the masks had no fine-tuning phase. "
+                + (
+                    "Give an epoch training reaches (max_steps or an early stop ended it sooner), or a fraction of "
+                    "training (it follows max_steps)."
+                    if by_epoch
+                    else "Training stopped early (EarlyStopping, a time limit or should_stop); resume it to finish."
+                )
+            )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._sync_averaged_masks(trainer)  # EMA saves its average as the checkpoint's state_dict
+        self._write_record(checkpoint)
+
+    def _write_record(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})
         record["scl"] = {
             "layers": list(self._masks),
@@ -767,8 +807,26 @@ class SparseConnectivityLearning(Callback):
 
     # ------------------------------------------------------------------ schedule
 
-    def _progress(self, trainer: L.Trainer) -> float:
+    def _total_optimizer_steps(self, trainer: L.Trainer) -> float:
+        """The optimizer steps of the whole fit (automatic optimization).
+
+        Lightning's ``estimated_stepping_batches`` divides every epoch's batches by the accumulation factor in force
+        now, which a ``GradientAccumulationScheduler`` changes between epochs: the density ramp and the freeze would
+        jump. Sum the epochs' steps with each epoch's own factor instead.
+        """
         total = trainer.estimated_stepping_batches
+        scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+        batches, epochs = trainer.num_training_batches, trainer.max_epochs
+        if scheduler is None or not math.isfinite(total) or not epochs or epochs < 1 or not math.isfinite(batches):
+            return total
+        key = (id(scheduler), batches, epochs, trainer.max_steps)
+        if self._steps_cache is None or self._steps_cache[0] != key:
+            steps = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(e)) for e in range(epochs))
+            self._steps_cache = (key, min(steps, trainer.max_steps) if trainer.max_steps > 0 else steps)
+        return self._steps_cache[1]
+
+    def _progress(self, trainer: L.Trainer) -> float:
+        total = self._total_optimizer_steps(trainer)
         if not math.isfinite(total) or total <= 0:
             return 0.0
         if trainer.lightning_module.automatic_optimization:
@@ -782,6 +840,21 @@ class SparseConnectivityLearning(Callback):
         if epochs and epochs > 0 and math.isfinite(batches) and batches > 0:
             fractions.append(trainer.fit_loop.epoch_loop.total_batch_idx / (batches * epochs))
         return min(1.0, max(fractions)) if fractions else 0.0
+
+    def _logs_this_batch(self, trainer: L.Trainer) -> bool:
+        """Whether to log the step metrics now: on the batches where the logger writes them.
+
+        Lightning writes step metrics when its count of batches that stepped, this one included, is a multiple of
+        ``Trainer(log_every_n_steps)``, and writes the last value logged: one logged at another batch would reach
+        the logger late, or never if the epoch ends first. This callback's own ``log_every_n_steps`` thins those
+        batches out.
+        """
+        period = trainer.log_every_n_steps
+        if not period:
+            return False
+        stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step) + 1
+        own = self.log_every_n_steps or period
+        return (stepped % period == 0 and stepped % own == 0) or trainer.should_stop
 
     def _should_freeze(self, trainer: L.Trainer) -> bool:
         if self.freeze_masks_at is None:
@@ -892,12 +965,14 @@ class SparseConnectivityLearning(Callback):
             rank_zero_info(f"SparseConnectivityLearning: masks frozen at step {trainer.global_step}.")
             if self.exact_density and self.target_density is not None:
                 self._snap_to_target_density()
-        log_now = step % (self.log_every_n_steps or trainer.log_every_n_steps) == 0
+        log_now = self._logs_this_batch(trainer)
+        # The progress bar shows the density from each epoch's first step on (Lightning clears it between epochs).
+        bar_due = self._bar_epoch != trainer.current_epoch
         if self._frozen:
             self._drop_mask_gradients()
-            if log_now:  # the metrics stay on the logger's timeline after the freeze
+            if log_now or bar_due:  # the metrics stay on the logger's timeline after the freeze
                 kept_by_layer = {name: mask.kept_tensor() for name, mask in self._masks.items()}
-                self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module))
+                self._log_counts(pl_module, step, kept_by_layer, self._scales(pl_module), to_logger=log_now)
             return
         # Several optimizers (manual optimization): this step trains the masks of the weights this optimizer steps,
         # and at the batch's first optimizer step those of weights no optimizer holds (one mask step per batch).
@@ -925,7 +1000,7 @@ class SparseConnectivityLearning(Callback):
         # the non-finite check (one host sync for all layers).
         per_feature = self.normalize_over == "unit"
         statistic = self.normalize if self.normalize != "none" else "max_abs"
-        count_now = self.target_density is not None or log_now
+        count_now = self.target_density is not None or log_now or bar_due
         kept_by_layer: dict[str, torch.Tensor] = {}
         batched = self._batched_step and not others
         if batched:
@@ -954,7 +1029,7 @@ class SparseConnectivityLearning(Callback):
         if self.target_density is not None and batch != self._lambda_batch:
             self._lambda_batch = batch
             self._update_lambda(
-                self._kept_and_density(kept_by_layer)[1], self._progress(trainer), trainer.estimated_stepping_batches
+                self._kept_and_density(kept_by_layer)[1], self._progress(trainer), self._total_optimizer_steps(trainer)
             )
         scales = self._scales(pl_module)
         # The normalization makes the task gradient scale-free, so AMP's loss scale only matters without it.
@@ -992,8 +1067,8 @@ class SparseConnectivityLearning(Callback):
             self._apply_density_floor()
         if self.protect_pruned_weights:
             self._snapshot_pruned_weights(trainer, active)
-        if log_now:
-            self._log_counts(pl_module, step, kept_by_layer, scales)
+        if log_now or bar_due:
+            self._log_counts(pl_module, step, kept_by_layer, scales, to_logger=log_now)
 
     def _batched_statistics_and_counts(
         self, masks: list[ConnectivityMask], statistic: str, count: bool
@@ -1059,10 +1134,19 @@ class SparseConnectivityLearning(Callback):
         return kept, kept / sum(mask.numel_connections for mask in self._masks.values())
 
     def _log_counts(
-        self, pl_module: L.LightningModule, step: int, kept_by_layer: dict[str, torch.Tensor], scales: dict[str, float]
+        self,
+        pl_module: L.LightningModule,
+        step: int,
+        kept_by_layer: dict[str, torch.Tensor],
+        scales: dict[str, float],
+        to_logger: bool = True,
     ) -> None:
-        self._warn_collapsed(kept_by_layer)
         kept, density = self._kept_and_density(kept_by_layer)
+        pl_module.log("density", density, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
+        self._bar_epoch = pl_module.current_epoch
+        if not to_logger:
+            return
+        self._warn_collapsed(kept_by_layer)
         reg_value = self.lam * sum(
             scales[name] / self._masks[name].connections_per_variable * float(k) for name, k in kept_by_layer.items()
         )
@@ -1231,7 +1315,6 @@ class SparseConnectivityLearning(Callback):
             for name, k in kept_by_layer.items():
                 metrics[f"scl/density/{name}"] = float(k) / self._masks[name].numel_connections
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("density", density, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._masks:
