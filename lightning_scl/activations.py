@@ -49,7 +49,8 @@ __all__ = [
     "swap_report",
 ]
 
-#: Activation modules that ``targets`` may name. Matched by exact type: subclasses are not swapped.
+#: Activation modules that ``targets`` may name. Matched by exact type: subclasses are not swapped, and neither are
+#: the functional calls of their own forward (``nn.ReLU.forward`` calls ``F.relu``).
 TARGET_TYPES: dict[str, type[nn.Module]] = {
     name: getattr(nn, name)
     for name in (
@@ -336,6 +337,16 @@ class _GuardedCELU(nn.CELU):
         return F.celu(x, self.alpha, inplace=_inplace_is_safe(x))
 
 
+def _graph_task_id() -> int:
+    """The running autograd backward's id, -1 outside backward (where activation checkpointing recomputes).
+
+    -1 under torch.compile, which cannot trace the query (a graph break at every call site) and recomputes
+    checkpointed regions from its own graph.
+    """
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None or torch.compiler.is_compiling() else int(current())
+
+
 class PerCallSite(nn.Module):
     """Stands in for one activation module that its parent calls several times: call ``k`` goes to ``sites[k]``.
 
@@ -355,8 +366,18 @@ class PerCallSite(nn.Module):
         super().__init__()
         self.sites = nn.ModuleList(sites)
         self.next_site = 0
+        self.reset_in_backward = -1  # the autograd graph task of the last reset (-1: outside backward)
 
     def forward(self, x: Tensor) -> Tensor:
+        task = _graph_task_id()
+        if task != -1 and task != self.reset_in_backward:
+            raise RuntimeError(
+                "A reused activation module with one LearnableELU per call site (PerCallSite) ran during backward "
+                "without its parent's forward: activation checkpointing recomputes part of a forward, and which "
+                "call site this is cannot be known there (its gradient would go to another site's alpha). "
+                "Checkpoint the whole parent module, give each call site its own activation module, or swap with "
+                "replacement='ELU'."
+            )
         index = self.next_site
         self.next_site = (index + 1) % len(self.sites)
         return self.sites[index](x)
@@ -373,6 +394,7 @@ class _ResetCallSites:
             child = module._modules.get(name)
             if isinstance(child, PerCallSite):
                 child.next_site = 0
+                child.reset_in_backward = _graph_task_id()
 
 
 class _LeafTracer(fx.Tracer):
@@ -630,8 +652,12 @@ def _install_scope_hooks(root: nn.Module, config: SwapConfig, router: _Functiona
     _remove_hooks(root, (_EnterScope, _ExitScope))
     blind_functions = [f for f in router.functions if f not in _overridable()]
     router.compile_blind = []
+    target_types = tuple(TARGET_TYPES[t] for t in config.targets)
     for name, module in root.named_modules():
-        selected = config.selects(name)
+        # A subclass of a target type is not swapped (exact types match), so neither is the functional call its
+        # inherited forward makes (nn.ReLU.forward calls F.relu): it stays the activation it reports.
+        subclass = isinstance(module, target_types) and type(module) not in target_types
+        selected = config.selects(name) and not subclass
         parent_selected = config.selects(name.rpartition(".")[0])
         may_call = _may_call_functional(module)
         if module is root or selected != parent_selected or may_call:

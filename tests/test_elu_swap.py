@@ -662,3 +662,55 @@ def test_works_with_sparse_connectivity_learning_in_either_order(elu_first, tmp_
     # it back: it is then an inactive pass-through, and the next run does not stack another one on it.
     left = vars(model).get("configure_model")
     assert left is None or (not left.active and left.previous.__func__ is BuiltInConfigureModel.configure_model)
+
+
+class _TwiceActivated(nn.Module):
+    """One ReLU called at two sites; ``checkpointing`` recomputes the second site, or the whole block, in backward."""
+
+    def __init__(self, checkpointing: str | None = None) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.checkpointing = nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(), checkpointing
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.act(self.fc1(x))
+        second = lambda t: self.act(self.fc2(t))  # noqa: E731
+        return checkpoint(second, h, use_reentrant=False) if self.checkpointing == "part" else second(h)
+
+
+def _alpha_gradients(checkpointing: str | None) -> list[torch.Tensor]:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = _TwiceActivated(checkpointing)
+    swap_activations(block, replacement="LearnableELU", quiet=True)
+    with torch.no_grad():
+        block.act.sites[0].alpha.fill_(0.5)
+        block.act.sites[1].alpha.fill_(2.0)
+    x = torch.randn(16, 4) * 3
+    out = checkpoint(block, x, use_reentrant=False) if checkpointing == "whole" else block(x)
+    out.sum().backward()
+    return [site.alpha.grad.clone() for site in block.act.sites]
+
+
+def test_learnable_elu_call_sites_under_activation_checkpointing():
+    # Recomputing the whole block runs its forward pre-hook, so each call reaches its own site again; recomputing
+    # only the second call cannot tell which site it is: an error, not gradients sent to the first site's alpha.
+    plain = _alpha_gradients(None)
+    for got, want in zip(_alpha_gradients("whole"), plain):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="ran during backward without its parent's forward"):
+        _alpha_gradients("part")
+
+
+def test_a_relu_subclass_is_left_alone_with_its_functional_call():
+    class MyReLU(nn.ReLU):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), MyReLU())
+    report = swap_activations(model)
+    x = torch.randn(64, 4)
+    h = model[0](x)
+    assert report.num_modules == 0 and type(model[1]) is MyReLU
+    torch.testing.assert_close(model(x), F.relu(h))  # its inherited forward's F.relu is not rerouted to ELU
