@@ -244,7 +244,10 @@ TRAIN_SETUPS: dict[str, dict[str, Any]] = {
 def trained_channel_masks(
     name: str, target_density: float, data_dir: str, smoke: bool = False, seed: int = 0
 ) -> tuple[nn.Module, float]:
-    """Train channel SCL (FLOPs regularizer) toward ``target_density`` of the connections; return (model, test acc)."""
+    """Train channel SCL (connection-count regularizer) toward ``target_density`` of the connections.
+
+    Returns the model and its test accuracy.
+    """
     import lightning.pytorch as L
 
     setup = TRAIN_SETUPS[name]
