@@ -46,6 +46,7 @@ __all__ = [
     "FASHION_MNIST",
     "MNIST",
     "ChecksumError",
+    "DataUnavailableError",
     "FetchResult",
     "IdxDatasetSpec",
     "Source",
@@ -61,6 +62,15 @@ class ChecksumError(ValueError):
 
     Example:
         >>> issubclass(ChecksumError, ValueError)
+        True
+    """
+
+
+class DataUnavailableError(RuntimeError):
+    """A dataset's files are not on disk and could not be fetched; the message says where they go and how.
+
+    Example:
+        >>> issubclass(DataUnavailableError, RuntimeError)
         True
     """
 
@@ -456,7 +466,7 @@ def fetch_idx_dataset(
     if not missing:
         return FetchResult(raw, "cache")
     if not download:
-        raise RuntimeError(
+        raise DataUnavailableError(
             f"{spec.name}: {len(missing)} file(s) missing and download=False.\n"
             f"Expected {', '.join(missing)} in {raw}; pass download=True or fetch them manually."
         )
@@ -495,7 +505,7 @@ def fetch_idx_dataset(
             shutil.rmtree(staging, ignore_errors=True)
     tried = "\n".join(f"  - {name}: {reason}" for name, reason in attempts)
     manual = "\n".join(f"  {s.manual.format(raw=raw, root=root)}" for s in (sources or SOURCES[spec.name]) if s.manual)
-    raise RuntimeError(
+    raise DataUnavailableError(
         f"{spec.name}: could not get {', '.join(missing)} into {raw}.\nSources tried:\n{tried}\n"
         f"Fetch them by hand with one of (uncompressed IDX files, md5-verified on the next run):\n{manual}"
     )

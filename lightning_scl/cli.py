@@ -178,11 +178,30 @@ class SCLCLI(LightningCLI):
         the same allocator cost as an SCL run, so the two compare like for like. An SCL callback given
         ``retain_freed_memory=False`` opts the whole run out.
         """
+        self._refuse_replacing_last_checkpoint()
         if not isinstance(self.trainer.accelerator, CPUAccelerator):
             return
         callbacks = [cb for cb in self.trainer.callbacks if isinstance(cb, SparseConnectivityLearning)]
         if all(cb.retain_freed_memory for cb in callbacks):
             retain_freed_memory()
+
+    def _refuse_replacing_last_checkpoint(self) -> None:
+        """A fresh fit into a fixed checkpoint folder (the recipes') would silently replace an earlier run's
+        ``last.ckpt``: a shorter trial run would overwrite days of training."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if getattr(self.config[self.subcommand], "ckpt_path", None):
+            return  # resuming: that checkpoint is meant to be continued
+        for callback in self.trainer.callbacks:
+            if not isinstance(callback, ModelCheckpoint) or not callback.save_last or not callback.dirpath:
+                continue
+            last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            if last.exists() and not callback._enable_version_counter:
+                raise _ConfigError(
+                    f"{last} holds an earlier run, and this fit would replace it. Resume it with --ckpt_path {last}, "
+                    "or move it (or its folder) elsewhere first; to keep runs apart, give ModelCheckpoint's dirpath "
+                    "another folder in a copy of the recipe."
+                )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link the data module's ``num_classes`` and ``input_shape`` to the model's."""
@@ -205,10 +224,16 @@ def _import_object(dotted: str, option: str) -> Any:
     module_name, _, attr = dotted.rpartition(".")
     if not module_name or not attr:
         raise CommandError(f"{option} must be a dotted path such as 'my_pkg.models.MyModule', got {dotted!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # as `python -m` does: a console script's sys.path starts at its bin folder, not the working directory
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise CommandError(f"{option}: cannot import {dotted!r} ({type(err).__name__}: {err})") from err
+        raise CommandError(
+            f"{option}: cannot import {dotted!r} ({type(err).__name__}: {err}); the module must be importable from "
+            "the working directory or PYTHONPATH"
+        ) from err
 
 
 def _require(module: str, names: Sequence[str], command: str) -> list[Any]:
@@ -239,6 +264,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
             f"{str(path)!r} is not a readable checkpoint (torch.load(weights_only=True) failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from err
+    if isinstance(checkpoint, dict) and str(checkpoint.get("format", "")).startswith("lightning_scl."):
+        raise CommandError(
+            f"{str(path)!r} is a lightning_scl export ({checkpoint['format']}), not a training checkpoint: give the "
+            ".ckpt it was exported from (a shrunk model loads with lightning_scl.export.load_shrunk(path, Model))"
+        )
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CommandError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' entry)")
     hparams = checkpoint.get("hyper_parameters")
@@ -260,6 +290,11 @@ def _checkpoints_near(folder: Path, limit: int = 5) -> str:
         return ""
     more = f" ... ({len(found)} in all)" if len(found) > limit else ""
     return "; found: " + ", ".join(repr(str(p)) for p in found[:limit]) + more
+
+
+def _wrong_class(err: BaseException) -> bool:
+    """Whether an export or report error says the checkpoint was not trained with the given model class."""
+    return "hyper_parameters" in str(err) or "does not match" in str(err)
 
 
 def _model_class(option: str) -> Any:
@@ -308,7 +343,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     Example:
         >>> args = build_export_parser().parse_args(["run.ckpt", "--format", "compressed"])
         >>> args.checkpoint, args.format, args.output, args.model_class
-        ('run.ckpt', 'compressed', None, 'lightning_scl.models.ImageClassifier')
+        ('run.ckpt', 'compressed', None, None)
     """
     formats, suffixes = _export_formats()
     parser = argparse.ArgumentParser(
@@ -327,9 +362,10 @@ def build_export_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-class",
-        default=DEFAULT_MODEL_CLASS,
+        default=None,
         help="dotted path of the LightningModule class the checkpoint was trained with, rebuilt from its "
-        "hyper_parameters (default: %(default)s); 'none' exports the tensors alone (weight formats only)",
+        f"hyper_parameters (default: {DEFAULT_MODEL_CLASS}; weight formats of a checkpoint it does not fit export "
+        "the tensors alone); 'none' exports the tensors alone (weight formats only)",
     )
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="stored dtype of weight formats"
@@ -350,11 +386,15 @@ def export_command(argv: Sequence[str]) -> int:
     )
     path = Path(args.checkpoint)
     checkpoint = _load_checkpoint(path)
-    model_class = _model_class(args.model_class)
+    class_option = args.model_class or DEFAULT_MODEL_CLASS
+    model_class = _model_class(class_option)
     output = Path(args.output) if args.output else default_output_path(path, args.format)
-    try:
-        refuse_overwriting_checkpoint(output, path)  # the checkpoint goes in as a dict: export_pruned cannot tell
-        written = export_pruned(
+    weight_format = args.format in ("safetensors", "state_dict", "compressed")
+    if args.dtype != "float32" and not weight_format:
+        print(f"note: --dtype applies to weight formats only; {args.format} is written in float32", file=sys.stderr)
+
+    def export(model_class: Any) -> Any:
+        return export_pruned(
             checkpoint,
             output,
             format=args.format,
@@ -362,10 +402,31 @@ def export_command(argv: Sequence[str]) -> int:
             example_input=_example_input(args.input_shape),
             dtype=args.dtype,
         )
+
+    try:
+        refuse_overwriting_checkpoint(output, path)  # the checkpoint goes in as a dict: export_pruned cannot tell
+        try:
+            written = export(model_class)
+        except (ValueError, TypeError) as err:
+            if args.model_class is not None or not weight_format or not _wrong_class(err):
+                raise
+            # The default class is only a guess (the recipes' model): a user's own module needs no class to have its
+            # weights exported.
+            print(
+                f"note: the checkpoint does not fit {DEFAULT_MODEL_CLASS}; exporting its tensors alone "
+                "(--model-class none)",
+                file=sys.stderr,
+            )
+            written = export(None)
     except (OSError, ValueError, TypeError, KeyError) as err:
         hint = ""
-        if model_class is not None and ("hyper_parameters" in str(err) or "does not match" in str(err)):
-            hint = f"\nIs {args.model_class} the class this checkpoint was trained with? Set --model-class."
+        if model_class is not None and _wrong_class(err):
+            hint = (
+                f"\nIs {class_option} the class this checkpoint was trained with? Set --model-class my_pkg.MyModule "
+                "(importable from this folder or PYTHONPATH); weight formats also work with --model-class none."
+            )
+        elif "example_input" in str(err):
+            hint = "\nGive the input batch shape with --input-shape, e.g. --input-shape 1,3,32,32."
         raise CommandError(f"export failed: {err}{hint}") from err
     written = Path(written)
     print(f"wrote {written} ({format_size(written.stat().st_size)}, format {args.format})")
@@ -418,10 +479,15 @@ def report_command(argv: Sequence[str]) -> int:
     try:  # with or without masks: a dense baseline's checkpoint reports too
         report = sparsity_report(checkpoint, example_input=example, model_class=model_class)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise CommandError(
-            f"report failed: {err}\nIs {args.model_class} the class this checkpoint was trained with? "
-            "Set --model-class (or 'none' for counts without FLOPs)."
-        ) from err
+        hint = (
+            f"\nIs {args.model_class} the class this checkpoint was trained with? Set --model-class my_pkg.MyModule "
+            "(importable from this folder or PYTHONPATH), or 'none' for counts without FLOPs."
+            if _wrong_class(err)
+            else ""
+        )
+        if "example_input" in str(err):
+            hint = "\nGive the input batch shape with --input-shape, e.g. --input-shape 1,3,32,32."
+        raise CommandError(f"report failed: {err}{hint}") from err
     report.print()
     out_dir = Path(args.out_dir) if args.out_dir else path.parent
     try:
@@ -568,6 +634,25 @@ def _check_demo_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--train-subset must be >= 1, got {args.train_subset}")
     if args.num_threads < 0:
         raise CommandError(f"--num-threads must be >= 0 (0: torch's default), got {args.num_threads}")
+    if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        raise CommandError(f"--data-dir {args.data_dir!r} is a file: give a folder (it is created if missing)")
+    try:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"--out-dir {args.out_dir!r} cannot be created ({err.strerror or err})") from err
+    if args.accelerator != "auto":
+        _check_accelerator(args.accelerator)
+
+
+def _check_accelerator(accelerator: str) -> None:
+    """The accelerator exists and is available here: checked now, not after the data is loaded."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    try:
+        _AcceleratorConnector(accelerator=accelerator, devices=1)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        raise CommandError(f"--accelerator {accelerator!r}: {str(err).splitlines()[0]}") from err
 
 
 def run_demo(
@@ -743,18 +828,39 @@ def usage() -> str:
 
 def _config_values(args: Sequence[str]) -> list[str]:
     """The values of ``--config``/``-c`` in ``args`` (``--config x``, ``--config=x``, ``-c x``, ``-c=x``)."""
+    return _option_values(args, "--config", "-c")
+
+
+def _option_values(args: Sequence[str], *names: str) -> list[str]:
+    """The values of an option in ``args``, in all its spellings (``--config x``, ``--config=x``, ``-c x``)."""
     values = []
     for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
+        if arg in names and i + 1 < len(args):
             values.append(args[i + 1])
-        elif arg.startswith(("--config=", "-c=")):
+        elif arg.startswith(tuple(f"{name}=" for name in names)):
             values.append(arg.partition("=")[2])
     return values
+
+
+def _check_ckpt_path(args: Sequence[str]) -> None:
+    """A ``--ckpt_path`` that is missing or not a Lightning checkpoint, named in one line before the run starts."""
+    for value in _option_values(args, "--ckpt_path"):
+        if value in ("last", "best", "hpc", "registry", "null", "None") or "://" in value:
+            continue  # Lightning's own names and remote paths
+        # its errors name a missing file, the checkpoints nearby, an export given instead, an unreadable file
+        checkpoint = _load_checkpoint(Path(value))
+        if "pytorch-lightning_version" not in checkpoint:
+            raise CommandError(f"--ckpt_path {value!r} is not a Lightning checkpoint: give the .ckpt the run wrote")
 
 
 def _check_config_files(args: Sequence[str]) -> None:
     """Name a missing ``--config`` file and where the recipes are, before LightningCLI's usage dump."""
     for value in _config_values(args):
+        if Path(value).suffix in (".ckpt", ".pt", ".pth", ".safetensors", ".onnx") and Path(value).is_file():
+            raise CommandError(
+                f"--config {value!r} is a model file, not a YAML recipe; a checkpoint to resume or evaluate goes to "
+                "--ckpt_path"
+            )
         try:
             inline = not isinstance(yaml.safe_load(value), str)  # jsonargparse reads a YAML mapping as the config
         except yaml.YAMLError:
@@ -789,12 +895,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = _COMMANDS.get(args[0])
     if command is None:
+        from lightning_scl.data import ChecksumError, DataUnavailableError
+
+        if not args[0].startswith("-") and args[0] not in _LIGHTNING_SUBCOMMANDS:
+            print(f"{PROG}: error: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr, end="")
+            return 2
+        prog = f"{PROG} {args[0]}" if args[0] in _LIGHTNING_SUBCOMMANDS else PROG
         try:
             _check_config_files(args)
+            _check_ckpt_path(args)
             run_lightning_cli(None if argv is None else args)
         except (CommandError, _ConfigError) as err:
-            prog = f"{PROG} {args[0]}" if args[0] in _LIGHTNING_SUBCOMMANDS else PROG
             print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
+        except (DataUnavailableError, ChecksumError, FileNotFoundError) as err:
+            print(
+                f"{prog}: error: {err}\nData module options go on the command line as --data.<name>=<value> (e.g. "
+                "--data.data_dir=<folder>, --data.download=true, --data.synthetic=true).",
+                file=sys.stderr,
+            )
             return 2
         return 0
     try:

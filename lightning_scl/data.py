@@ -31,6 +31,7 @@ from lightning_scl._fetch import (
     FASHION_MNIST,
     MNIST,
     ChecksumError,
+    DataUnavailableError,
     FetchResult,
     IdxDatasetSpec,
     _socket_timeout,
@@ -42,6 +43,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ChecksumError",
+    "DataUnavailableError",
     "FashionMNISTDataModule",
     "FetchResult",
     "ImageNetDataModule",
@@ -249,7 +251,7 @@ class _IdxDataModule(_LoaderMixin, L.LightningDataModule):
         raw = self.spec.raw_dir(self.data_dir)
         for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
             if not (raw / name).is_file():
-                raise RuntimeError(f"{raw / name} is missing: call prepare_data() first (Trainer.fit does).")
+                raise DataUnavailableError(f"{raw / name} is missing: call prepare_data() first (Trainer.fit does).")
         images = read_idx(raw / f"{prefix}-images-idx3-ubyte").unsqueeze(1)
         labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte")
         return images, labels
@@ -397,12 +399,14 @@ class _CIFARDataModule(_LoaderMixin, L.LightningDataModule):
         if self.synthetic or self._files_ok():
             return
         if not self.download:
-            raise RuntimeError(self._missing_message("files missing or corrupted and download=False."))
+            raise DataUnavailableError(self._missing_message("files missing or corrupted and download=False."))
         try:
             with _socket_timeout(self.download_timeout):
                 self.dataset_cls(self.data_dir, train=True, download=True)
         except Exception as err:
-            raise RuntimeError(self._missing_message(f"download failed ({type(err).__name__}: {err}).")) from err
+            raise DataUnavailableError(
+                self._missing_message(f"download failed ({type(err).__name__}: {err}).")
+            ) from err
 
     def _transforms(self) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
         to_tensor = [T.ToTensor(), T.Normalize(self.mean, self.std)]
@@ -427,7 +431,7 @@ class _CIFARDataModule(_LoaderMixin, L.LightningDataModule):
             )
         else:
             if not self._files_ok():
-                raise RuntimeError(self._missing_message("files missing or corrupted; call prepare_data()."))
+                raise DataUnavailableError(self._missing_message("files missing or corrupted; call prepare_data()."))
             val_size = self.val_size
             base = self.dataset_cls(self.data_dir, train=True)
             test = self.dataset_cls(self.data_dir, train=False, transform=eval_tf)

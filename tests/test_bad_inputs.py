@@ -349,7 +349,8 @@ def report_other_architecture(tmp: Path) -> Trigger:
 
 
 def cli_export_other_class(tmp: Path) -> Trigger:
-    return cli("export", str(_masked_checkpoint(tmp)))(tmp)  # default --model-class: ImageClassifier
+    # default --model-class: ImageClassifier (weight formats fall back to the tensors alone; shrunk needs the class)
+    return cli("export", str(_masked_checkpoint(tmp)), "--format", "shrunk")(tmp)
 
 
 def cli_config_bad_value(tmp: Path) -> Trigger:
@@ -839,7 +840,7 @@ CASES: list[Case] = [
         raises=RuntimeError,
         problem=r"MNIST: 4 file\(s\) missing and download=False",
         fix=r"pass download=True or fetch them manually",
-        says="RuntimeError: MNIST: 4 file(s) missing and download=False.",
+        says="DataUnavailableError: MNIST: 4 file(s) missing and download=False.",
         todo="Allow the download, or put the four uncompressed IDX files in `<data_dir>/MNIST/raw`.",
     ),
     Case(
@@ -871,7 +872,7 @@ CASES: list[Case] = [
         raises=RuntimeError,
         problem=r"CIFAR10 is not available: files missing or corrupted and download=False",
         fix=r"Put the extracted 'cifar-10-batches-py' folder at .* or pass synthetic=True",
-        says="RuntimeError: CIFAR10 is not available: files missing or corrupted and download=False.",
+        says="DataUnavailableError: CIFAR10 is not available: files missing or corrupted and download=False.",
         todo="Extract the archive into `data_dir`, or `synthetic=True` for a smoke test on random images.",
     ),
     # ------------------------------------------------------------ accounting
@@ -920,13 +921,14 @@ CASES: list[Case] = [
     ),
     Case(
         id="cli-export-other-class",
-        did="`lightning-scl export run.ckpt` on a checkpoint of your own LightningModule (default `--model-class`)",
+        did="`lightning-scl export run.ckpt -f shrunk` on a checkpoint of your own LightningModule (default "
+        "`--model-class`)",
         make=cli_export_other_class,
         raises=CLIExit,
         problem=r"^exit status 2: .*Could not instantiate ImageClassifier with the checkpoint's hyper_parameters",
         fix=r"Set --model-class",
         says="exit status 2: lightning-scl export: error: export failed: Could not instantiate ImageClassifier",
-        todo="Add `--model-class my_pkg.MyModule` (the class trained), or `--model-class none` for weights only.",
+        todo="Add `--model-class my_pkg.MyModule` (the class trained, importable from the working directory).",
     ),
     Case(
         id="cli-export-unknown-format",

@@ -278,3 +278,75 @@ def test_console_script_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_fresh_fit_does_not_replace_an_earlier_runs_last_checkpoint(
+    fitted_run: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The recipes write last.ckpt into a fixed folder: a quick trial run would silently replace days of training.
+    monkeypatch.chdir(fitted_run)
+    before = (fitted_run / CHECKPOINT).read_bytes()
+    argv = ["fit", "--config", str(RECIPE), "--trainer.max_steps=1", f"--data.data_dir={data_dir}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run, and this fit would replace it" in err and "--ckpt_path" in err
+    assert "Traceback" not in err
+    assert (fitted_run / CHECKPOINT).read_bytes() == before
+
+
+def _user_module_checkpoint(tmp_path: Path) -> Path:
+    from lightning_scl import SparseConnectivityLearning
+    from tests.conftest import MLP, loader, quiet_trainer
+
+    trainer = quiet_trainer(max_steps=2, callbacks=[SparseConnectivityLearning(lam=0.5, report=False)])
+    trainer.fit(MLP(), loader())
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_export_of_a_user_module_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import MLP
+
+    ckpt = _user_module_checkpoint(tmp_path)
+    # weight formats need no class: the default one does not fit, so the tensors alone are exported
+    assert main(["export", str(ckpt)]) == 0
+    assert "exporting its tensors alone" in capsys.readouterr().err
+    assert set(load_file(tmp_path / "run.safetensors")) == set(MLP().state_dict())
+    # --model-class names a module in the working directory, which a console script's sys.path lacks
+    (tmp_path / "my_cli_net.py").write_text("from tests.conftest import MLP as Net\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_cli_net", raising=False)
+    assert main(["export", str(ckpt), "-f", "shrunk", "--model-class", "my_cli_net.Net"]) == 0
+    assert (tmp_path / "run.shrunk.pt").is_file()
+
+
+def test_more_bad_input_is_one_clear_line(
+    fitted_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("hello")
+    shrunk = tmp_path / "model.shrunk.pt"
+    torch.save({"format": "lightning_scl.shrunk", "state_dict": {}}, shrunk)
+    recipe = ["--config", str(RECIPE), "--trainer.logger=false"]
+    cases = {
+        ("demo", "--accelerator", "tpu2"): "--accelerator 'tpu2'",
+        ("demo", "--data-dir", str(a_file)): "is a file",
+        ("test", *recipe, "--ckpt_path", str(tmp_path / "missing.ckpt")): "does not exist",
+        ("test", *recipe, "--ckpt_path", str(shrunk)): "is a lightning_scl export (lightning_scl.shrunk)",
+        ("fit", "--config", str(fitted_run / CHECKPOINT)): "is a model file, not a YAML recipe",
+        ("export", str(shrunk)): "not a training checkpoint",
+        ("fit", *recipe, f"--data.data_dir={tmp_path / 'empty'}", "--data.download=false"): "--data.download=true",
+    }
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert err.startswith(f"lightning-scl {argv[0]}: error:"), err
+    assert main(["fitt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-scl: error: unknown command 'fitt'") and "export" in err
