@@ -32,17 +32,16 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import errno
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
 import shlex
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -1450,18 +1449,8 @@ def _export(
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def _import_object(dotted: str) -> Any:
-    module_name, _, attr = dotted.rpartition(".")
-    if not module_name:
-        raise ValueError(f"--model-class must be a dotted path such as 'my_pkg.models.MyModule', got {dotted!r}")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import {dotted!r}: {err}") from err
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-scl export CHECKPOINT --format ...``: export an SCL checkpoint from the command line.
+    """``python -m lightning_scl.export CHECKPOINT --format ...``: the same as ``lightning-scl export``.
 
     Example:
         >>> import tempfile
@@ -1476,30 +1465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
         ['0.bias', '0.weight']
     """
-    parser = argparse.ArgumentParser(prog="lightning-scl export", description="Export an SCL checkpoint.")
-    parser.add_argument("checkpoint", help="a .ckpt written during SparseConnectivityLearning training")
-    parser.add_argument("--format", "-f", default="safetensors", choices=FORMATS)
-    parser.add_argument("--output", "-o", default=None, help="output file (default: next to the checkpoint)")
-    parser.add_argument("--model-class", default=None, help="dotted path of the LightningModule class")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument(
-        "--input-shape",
-        default=None,
-        help="example input shape for shrunk/onnx, e.g. 1,3,32,32 (default: the module's example_input_array)",
-    )
-    args = parser.parse_args(argv)
-    checkpoint = Path(args.checkpoint)
-    output = Path(args.output) if args.output else default_output_path(checkpoint, args.format)
-    model_class = _import_object(args.model_class) if args.model_class else None
-    example = None
-    if args.input_shape:
-        example = torch.zeros([int(n) for n in args.input_shape.split(",")])
-    written = export_pruned(
-        checkpoint, output, format=args.format, model_class=model_class, example_input=example, dtype=args.dtype
-    )
-    size = written.stat().st_size
-    print(f"wrote {written} ({size / 1024:.1f} KiB)")
-    return 0
+    from lightning_scl.cli import main as cli_main
+
+    # One command line: `python -m lightning_scl.export` is `lightning-scl export`, with its checks and messages.
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover
