@@ -488,6 +488,10 @@ def report_command(argv: Sequence[str]) -> int:
         if "example_input" in str(err):
             hint = "\nGive the input batch shape with --input-shape, e.g. --input-shape 1,3,32,32."
         raise CommandError(f"report failed: {err}{hint}") from err
+    note = getattr(report, "flops_note", None) or ""
+    if args.input_shape and "on the example input" in note:
+        # FLOPs left out because the shape given is wrong: an error, as export makes it, not a quiet note
+        raise CommandError(f"report failed: the model does not run on --input-shape {args.input_shape}: {note}")
     report.print()
     out_dir = Path(args.out_dir) if args.out_dir else path.parent
     try:

@@ -340,6 +340,7 @@ def test_more_bad_input_is_one_clear_line(
         ("test", *recipe, "--ckpt_path", str(shrunk)): "is a lightning_scl export (lightning_scl.shrunk)",
         ("fit", "--config", str(fitted_run / CHECKPOINT)): "is a model file, not a YAML recipe",
         ("export", str(shrunk)): "not a training checkpoint",
+        ("report", str(fitted_run / CHECKPOINT), "--input-shape", "1,3,32,32"): "does not run on --input-shape",
         ("fit", *recipe, f"--data.data_dir={tmp_path / 'empty'}", "--data.download=false"): "--data.download=true",
     }
     for argv, message in cases.items():
