@@ -373,10 +373,11 @@ class PerCallSite(nn.Module):
         if task != -1 and task != self.reset_in_backward:
             raise RuntimeError(
                 "A reused activation module with one LearnableELU per call site (PerCallSite) ran during backward "
-                "without its parent's forward: activation checkpointing recomputes part of a forward, and which "
-                "call site this is cannot be known there (its gradient would go to another site's alpha). "
-                "Checkpoint the whole parent module, give each call site its own activation module, or swap with "
-                "replacement='ELU'."
+                "without its parent module being called: activation checkpointing recomputes part of a forward (or "
+                "calls parent.forward directly, which skips the parent's hooks), and which call site this is cannot "
+                "be known there (its gradient would go to another site's alpha). Checkpoint the parent through its "
+                "call (checkpoint(parent, x), not checkpoint(parent.forward, x)), give each call site its own "
+                "activation module, or swap with replacement='ELU'."
             )
         index = self.next_site
         self.next_site = (index + 1) % len(self.sites)

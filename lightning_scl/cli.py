@@ -190,6 +190,7 @@ class SCLCLI(LightningCLI):
         ``last.ckpt``: a shorter trial run would overwrite days of training."""
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        # fast_dev_run is no exception: Lightning 2.6's ModelCheckpoint.on_train_end still writes last.ckpt then
         if getattr(self.config[self.subcommand], "ckpt_path", None):
             return  # resuming: that checkpoint is meant to be continued
         for callback in self.trainer.callbacks:
@@ -220,13 +221,14 @@ def run_lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> An
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _import_object(dotted: str, option: str) -> Any:
+def _import_object(dotted: str, option: str, user_given: bool = True) -> Any:
     module_name, _, attr = dotted.rpartition(".")
     if not module_name or not attr:
         raise CommandError(f"{option} must be a dotted path such as 'my_pkg.models.MyModule', got {dotted!r}")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        # as `python -m` does: a console script's sys.path starts at its bin folder, not the working directory
-        sys.path.insert(0, os.getcwd())
+    if user_given and "" not in sys.path and os.getcwd() not in sys.path:
+        # A console script's sys.path starts at its bin folder, not the working directory (as `python -m` has it).
+        # Last, so that a file of the working directory never shadows an installed package the command imports.
+        sys.path.append(os.getcwd())
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
@@ -297,8 +299,8 @@ def _wrong_class(err: BaseException) -> bool:
     return "hyper_parameters" in str(err) or "does not match" in str(err)
 
 
-def _model_class(option: str) -> Any:
-    return None if option.lower() == "none" else _import_object(option, "--model-class")
+def _model_class(option: str, user_given: bool = True) -> Any:
+    return None if option.lower() == "none" else _import_object(option, "--model-class", user_given)
 
 
 def _example_input(shape: str | None) -> torch.Tensor | None:
@@ -387,7 +389,7 @@ def export_command(argv: Sequence[str]) -> int:
     path = Path(args.checkpoint)
     checkpoint = _load_checkpoint(path)
     class_option = args.model_class or DEFAULT_MODEL_CLASS
-    model_class = _model_class(class_option)
+    model_class = _model_class(class_option, user_given=args.model_class is not None)
     output = Path(args.output) if args.output else default_output_path(path, args.format)
     weight_format = args.format in ("safetensors", "state_dict", "compressed")
     if args.dtype != "float32" and not weight_format:
@@ -640,12 +642,12 @@ def _check_demo_args(args: argparse.Namespace) -> None:
         raise CommandError(f"--num-threads must be >= 0 (0: torch's default), got {args.num_threads}")
     if Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
         raise CommandError(f"--data-dir {args.data_dir!r} is a file: give a folder (it is created if missing)")
+    if args.accelerator != "auto":
+        _check_accelerator(args.accelerator)
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CommandError(f"--out-dir {args.out_dir!r} cannot be created ({err.strerror or err})") from err
-    if args.accelerator != "auto":
-        _check_accelerator(args.accelerator)
 
 
 def _check_accelerator(accelerator: str) -> None:
@@ -655,7 +657,7 @@ def _check_accelerator(accelerator: str) -> None:
 
     try:
         _AcceleratorConnector(accelerator=accelerator, devices=1)
-    except (MisconfigurationException, ValueError, RuntimeError) as err:
+    except (MisconfigurationException, ValueError, RuntimeError, ImportError) as err:
         raise CommandError(f"--accelerator {accelerator!r}: {str(err).splitlines()[0]}") from err
 
 
@@ -851,6 +853,8 @@ def _check_ckpt_path(args: Sequence[str]) -> None:
     for value in _option_values(args, "--ckpt_path"):
         if value in ("last", "best", "hpc", "registry", "null", "None") or "://" in value:
             continue  # Lightning's own names and remote paths
+        if Path(value).is_dir():
+            continue  # a sharded (FSDP, DeepSpeed) checkpoint is a folder: Lightning's to load
         # its errors name a missing file, the checkpoints nearby, an export given instead, an unreadable file
         checkpoint = _load_checkpoint(Path(value))
         if "pytorch-lightning_version" not in checkpoint:
@@ -912,12 +916,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CommandError, _ConfigError) as err:
             print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
-        except (DataUnavailableError, ChecksumError, FileNotFoundError) as err:
+        except (DataUnavailableError, ChecksumError) as err:
             print(
                 f"{prog}: error: {err}\nData module options go on the command line as --data.<name>=<value> (e.g. "
                 "--data.data_dir=<folder>, --data.download=true, --data.synthetic=true).",
                 file=sys.stderr,
             )
+            return 2
+        except FileNotFoundError as err:  # a ckpt_path or data folder named in a config file, say
+            print(f"{prog}: error: {err}", file=sys.stderr)
             return 2
         return 0
     try:

@@ -351,3 +351,31 @@ def test_more_bad_input_is_one_clear_line(
     assert main(["fitt"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lightning-scl: error: unknown command 'fitt'") and "export" in err
+
+
+def test_a_smoke_run_is_refused_too_and_a_sharded_checkpoint_folder_is_not(
+    fitted_run: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_scl.cli import _check_ckpt_path
+
+    monkeypatch.chdir(fitted_run)
+    before = (fitted_run / CHECKPOINT).read_bytes()
+    # Lightning's ModelCheckpoint.on_train_end writes last.ckpt even under fast_dev_run
+    argv = ["fit", "--config", str(RECIPE), "--trainer.fast_dev_run=true", f"--data.data_dir={data_dir}"]
+    assert main(argv) == 2
+    assert (fitted_run / CHECKPOINT).read_bytes() == before
+    _check_ckpt_path(["--ckpt_path", str(tmp_path)])  # FSDP/DeepSpeed checkpoints are folders: Lightning's to load
+
+
+def test_model_class_import_appends_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_scl.cli import _import_object
+
+    (tmp_path / "my_cli_net2.py").write_text("class Net:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_cli_net2", raising=False)
+    assert _import_object("my_cli_net2.Net", "--model-class").__name__ == "Net"
+    assert sys.path[-1] == str(tmp_path)  # last: a file here never shadows an installed package the command imports
+    path_before = list(sys.path)
+    _import_object("lightning_scl.models.ImageClassifier", "--model-class", user_given=False)
+    assert sys.path == path_before

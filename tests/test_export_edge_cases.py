@@ -395,7 +395,8 @@ def test_a_weights_only_checkpoint_keeps_the_records_of_the_swap_and_the_masks(t
     model = MLP()
     saver = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, save_last=True)
     scl = SparseConnectivityLearning(lam=0.5, granularity="channel", report=False)
-    quiet_trainer(max_steps=6, callbacks=[scl, ELUSwap(), saver], enable_checkpointing=True).fit(model, loader())
+    trainer = quiet_trainer(max_steps=6, callbacks=[scl, ELUSwap(), saver], enable_checkpointing=True)
+    trainer.fit(model, loader())
     checkpoint = torch.load(saver.last_model_path, weights_only=True)
     assert "optimizer_states" not in checkpoint  # weights only
     assert set(checkpoint["lightning_scl"]) == {"scl", "elu_swap"}
@@ -405,7 +406,16 @@ def test_a_weights_only_checkpoint_keeps_the_records_of_the_swap_and_the_masks(t
         rebuilt = load_masked_checkpoint(saver.last_model_path, MLP).eval()
         assert isinstance(rebuilt.net[1], nn.ELU)
         torch.testing.assert_close(rebuilt(x), model.eval()(x))
-    assert "on_save_checkpoint" not in vars(model)  # the stand-in is gone after fit
+    # after fit too (the stand-in stays with the model), and a copy of the model writes its own records
+    import copy
+
+    trainer.save_checkpoint(tmp_path / "after.ckpt", weights_only=True)
+    assert set(torch.load(tmp_path / "after.ckpt", weights_only=True)["lightning_scl"]) == {"scl", "elu_swap"}
+    twin = copy.deepcopy(model)
+    twin.net[0].parametrizations.weight[0].mask.data.fill_(-1.0)  # the copy prunes its first layer entirely
+    records = {}
+    twin.on_save_checkpoint(records)
+    assert records["lightning_scl"]["scl"]["density"] < checkpoint["lightning_scl"]["scl"]["density"]
 
 
 def test_a_lightning_checkpoint_without_records_is_loaded_with_a_warning(tmp_path):

@@ -899,3 +899,9 @@ def test_training_that_ends_before_the_freeze_epoch_says_so():
     with pytest.warns(UserWarning, match=r"training ended \(step 40, epoch 5\) before the masks froze"):
         trainer = fit(MLP(), [scl], max_epochs=10, max_steps=40)
     assert not scl.frozen and trainer.global_step == 40
+
+
+def test_a_freeze_fraction_past_the_last_step_is_named_as_such():
+    scl = SparseConnectivityLearning(target_density=0.5, ramp_end=0.5, freeze_masks_at=0.95)
+    with pytest.warns(UserWarning, match="lies past the last of this run's 8 optimizer steps"):
+        fit(MLP(), [scl], max_steps=8)

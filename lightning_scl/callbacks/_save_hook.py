@@ -3,8 +3,12 @@
 Lightning skips ``Callback.on_save_checkpoint`` for weights-only checkpoints (``ModelCheckpoint(save_weights_only=
 True)``, ``trainer.save_checkpoint(path, weights_only=True)``) but still calls ``LightningModule.on_save_checkpoint``.
 A weights-only checkpoint without the ``lightning_scl`` records would be rebuilt as the unswapped model (ReLU for a
-network trained with ELU) by the loaders and exports. So each callback also writes its record from the module's hook,
-through one shared stand-in that the callbacks of a run register with.
+network trained with ELU) by the loaders and exports. So each callback also has its record written from the module's
+hook, through one shared stand-in.
+
+The records describe the model as it is when saved (its masks, its swap), not a callback: the writers refer to the
+model only, so the stand-in stays after ``fit`` (a weights-only save after training keeps the records), and a copy of
+the model (EMA's ``AveragedModel``, a pickle) carries writers bound to the copy.
 """
 
 from __future__ import annotations
@@ -13,23 +17,22 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as L
+from torch import nn
 
 RecordWriter = Callable[[dict[str, Any]], None]
 
 
 class _WriteRecordsOnSave:
-    """Stands in for ``pl_module.on_save_checkpoint``: writes the registered records, then calls the original.
+    """Stands in for ``module.on_save_checkpoint``: writes the registered records, then calls the original.
 
     ``__wrapped__`` is the user's original method, so Lightning's ``is_overridden`` still sees an override.
     """
 
-    def __init__(self, pl_module: L.LightningModule) -> None:
-        self.pl_module = pl_module
-        self.previous: Callable[[dict[str, Any]], Any] = pl_module.on_save_checkpoint
-        self.had_instance_attr = "on_save_checkpoint" in pl_module.__dict__
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.previous: Callable[[dict[str, Any]], Any] = module.on_save_checkpoint
         self.__wrapped__ = inspect.unwrap(self.previous)
-        self.writers: dict[int, RecordWriter] = {}
+        self.writers: dict[str, RecordWriter] = {}
 
     @property
     def __code__(self) -> Any:
@@ -40,42 +43,24 @@ class _WriteRecordsOnSave:
             write(checkpoint)
         return self.previous(checkpoint)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _WriteRecordsOnSave:
-        # Shared like a function: a copy of the model (EMA's AveragedModel) must not deep-copy the callbacks.
-        return self
 
-    def remove(self) -> None:
-        # Under another wrapper put on top of this one, stay as a pass-through: removing would drop that one too.
-        if self.pl_module.__dict__.get("on_save_checkpoint") is self:
-            if self.had_instance_attr:
-                self.pl_module.__dict__["on_save_checkpoint"] = self.previous
-            else:
-                del self.pl_module.__dict__["on_save_checkpoint"]
+def register_record_writer(module: nn.Module, kind: str, write: RecordWriter) -> None:
+    """Have ``write(checkpoint)`` run on every checkpoint of ``module``, weights-only ones included.
 
-
-def register_record_writer(pl_module: L.LightningModule, owner: object, write: RecordWriter) -> None:
-    """Have ``write(checkpoint)`` run on every checkpoint of ``pl_module``, weights-only ones included."""
-    patch = _active_patch(pl_module)
+    ``kind`` names the record (one writer per kind: a later callback of the same kind replaces the earlier one).
+    ``write`` must refer to the model, not to a callback, since it stays with the model after ``fit``.
+    """
+    patch = _find_patch(module)
     if patch is None:
-        patch = _WriteRecordsOnSave(pl_module)
-        pl_module.__dict__["on_save_checkpoint"] = patch
-    patch.writers[id(owner)] = write
+        patch = _WriteRecordsOnSave(module)
+        module.__dict__["on_save_checkpoint"] = patch
+    patch.writers[kind] = write
 
 
-def unregister_record_writer(pl_module: L.LightningModule, owner: object) -> None:
-    """Undo :func:`register_record_writer` for ``owner``; the stand-in goes once no callback is registered."""
-    patch = _active_patch(pl_module)
-    if patch is None:
-        return
-    patch.writers.pop(id(owner), None)
-    if not patch.writers:
-        patch.remove()
-
-
-def _active_patch(pl_module: L.LightningModule) -> _WriteRecordsOnSave | None:
-    method = pl_module.__dict__.get("on_save_checkpoint")
-    while method is not None:  # possibly under other wrappers
+def _find_patch(module: nn.Module) -> _WriteRecordsOnSave | None:
+    method = module.__dict__.get("on_save_checkpoint")
+    while method is not None:  # possibly under other wrappers (functools.wraps sets __wrapped__)
         if isinstance(method, _WriteRecordsOnSave):
-            return method if method.writers or method.pl_module.__dict__.get("on_save_checkpoint") is method else None
+            return method if method.module is module else None
         method = getattr(method, "__wrapped__", None)
     return None

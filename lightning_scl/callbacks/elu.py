@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from lightning_scl.activations import (
     CHECKPOINT_KEYS,
@@ -20,7 +21,7 @@ from lightning_scl.activations import (
     swap_activations,
     swap_report,
 )
-from lightning_scl.callbacks._save_hook import register_record_writer, unregister_record_writer
+from lightning_scl.callbacks._save_hook import register_record_writer
 
 __all__ = ["ELUSwap"]
 
@@ -62,6 +63,20 @@ class _SwapAfterConfigureModel:
                 self.pl_module.__dict__["configure_model"] = self.previous
             else:
                 del self.pl_module.__dict__["configure_model"]
+
+
+class _SwapRecordWriter:
+    """Writes the swap record of ``module`` into a checkpoint that has none (weights-only ones); refers to the model,
+    not the callback, so it stays with the model after ``fit`` and copies of the model carry their own."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        report = swap_report(self.module)
+        section = checkpoint.setdefault(CHECKPOINT_KEYS[0], {})
+        if report is not None and CHECKPOINT_KEYS[1] not in section:
+            section[CHECKPOINT_KEYS[1]] = report.to_record()
 
 
 class ELUSwap(L.Callback):
@@ -164,14 +179,13 @@ class ELUSwap(L.Callback):
             )
         self._swap(pl_module)
         # weights-only checkpoints skip on_save_checkpoint: the record is written from the module's hook too
-        register_record_writer(pl_module, self, self._write_record)
+        register_record_writer(pl_module, CHECKPOINT_KEYS[1], _SwapRecordWriter(pl_module))
         # Modules built in configure_model appear after this hook and before the optimizers: swap them there.
         if self._wrapper is None and is_overridden("configure_model", pl_module):
             self._wrapper = _SwapAfterConfigureModel(pl_module, self.config.to_dict())
             pl_module.__dict__["configure_model"] = self._wrapper
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        unregister_record_writer(pl_module, self)
         if self._wrapper is not None:
             self._wrapper.remove()
             self._wrapper = None
@@ -249,9 +263,6 @@ class ELUSwap(L.Callback):
         self._first_batch_done()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._write_record(checkpoint)
-
-    def _write_record(self, checkpoint: dict[str, Any]) -> None:
         record = (self.report or SwapReport(self.config)).to_record()
         section = checkpoint.setdefault(CHECKPOINT_KEYS[0], {})  # shared with other lightning_scl callbacks
         section[CHECKPOINT_KEYS[1]] = record

@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.graph import increment_version
 
 from lightning_scl.accounting import _MASK_SUFFIX, _call_args
-from lightning_scl.callbacks._save_hook import register_record_writer, unregister_record_writer
+from lightning_scl.callbacks._save_hook import register_record_writer
 from lightning_scl.callbacks.reporting import SCLReporter
 from lightning_scl.masking import (
     GRANULARITIES,
@@ -146,6 +146,26 @@ def _check_fraction_or_epoch(value: float | int | None, argument: str) -> None:
         )
     if isinstance(value, int) and value < 1:
         raise ValueError(f"{argument} as an epoch number must be >= 1, got {value!r}")
+
+
+class _MaskRecord:
+    """Writes the ``scl`` record of the masks on ``module`` into a checkpoint that has none (weights-only ones).
+
+    Refers to the model, not the callback: it stays with the model after ``fit``, and copies of the model carry
+    their own. The callback's ``on_save_checkpoint`` writes the record of full checkpoints first.
+    """
+
+    def __init__(self, module: nn.Module, settings: dict[str, Any]) -> None:
+        self.module, self.settings = module, dict(settings)
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        section = checkpoint.setdefault(CHECKPOINT_KEY, {})
+        masks = list(iter_masks(self.module))
+        if "scl" in section or not masks:
+            return
+        kept = sum(mask.kept() for _, _, mask in masks)
+        total = sum(mask.numel_connections for _, _, mask in masks)
+        section["scl"] = {"layers": [name for name, _, _ in masks], **self.settings, "density": kept / max(total, 1)}
 
 
 class SparseConnectivityLearning(Callback):
@@ -530,7 +550,7 @@ class SparseConnectivityLearning(Callback):
         # checkpoint's masks there, where a mismatch can still be explained instead of listed as missing keys.
         self._wrap_method(pl_module, "on_load_checkpoint", before=self._check_checkpoint_masks)
         # weights-only checkpoints skip on_save_checkpoint above: the record is written from the module's hook too
-        register_record_writer(pl_module, self, self._write_record)
+        register_record_writer(pl_module, "scl", _MaskRecord(pl_module, self._record_settings()))
 
     def _prepare_fsdp(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Under Lightning's FSDP strategy (which wraps the model after ``setup``): masks in FSDP units of their own."""
@@ -598,7 +618,6 @@ class SparseConnectivityLearning(Callback):
         self._fitting = False
         self._checkpoint_masks = {}  # a test/validate run's checkpoint: no fit start will take them
         self._unwrap_methods()
-        unregister_record_writer(pl_module, self)
         for mask in self._masks.values():  # leave the model as trainable as it came
             mask.mask.requires_grad_(True)
 
@@ -786,23 +805,26 @@ class SparseConnectivityLearning(Callback):
                     "Give an epoch training reaches (max_steps or an early stop ended it sooner), or a fraction of "
                     "training (it follows max_steps)."
                     if by_epoch
+                    else (
+                        f"The fraction lies past the last of this run's {trainer.global_step} optimizer steps: lower "
+                        "it, or train longer."
+                    )
+                    if self._progress(trainer) >= 1.0
                     else "Training stopped early (EarlyStopping, a time limit or should_stop); resume it to finish."
                 )
             )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self._sync_averaged_masks(trainer)  # EMA saves its average as the checkpoint's state_dict
-        self._write_record(checkpoint)
-
-    def _write_record(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.setdefault(CHECKPOINT_KEY, {})
-        record["scl"] = {
-            "layers": list(self._masks),
+        record["scl"] = {"layers": list(self._masks), **self._record_settings(), "density": self.density}
+
+    def _record_settings(self) -> dict[str, Any]:
+        return {
             "granularity": self.granularity,
             "ste": self.ste,
             "ste_slope": self.ste_slope,
             "mask_init": self.mask_init,
-            "density": self.density,
         }
 
     # ------------------------------------------------------------------ schedule
