@@ -193,6 +193,7 @@ def _count_dense(model: nn.Module, example_input: Any) -> tuple[dict[str, int], 
             analysis = FlopCountAnalysis(target, args)
             analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
             analysis.set_op_handle("aten::scaled_dot_product_attention", _attention_macs)
+            analysis.set_op_handle("aten::_convolution_mode", _convolution_mode_macs)  # padding="same"/"valid"
             total = int(analysis.total())
             by_module = dict(analysis.by_module())
             uncounted = {op: n for op, n in analysis.unsupported_ops().items() if _UNCOUNTED_COSTLY.search(op)}
@@ -214,7 +215,15 @@ def _count_dense(model: nn.Module, example_input: Any) -> tuple[dict[str, int], 
 
 
 # matmul-heavy ops fvcore has no formula for: their MACs would be missing from the totals without a word
-_UNCOUNTED_COSTLY = re.compile(r"lstm|gru|rnn|bilinear|attention|conv_tbc|_convolution_mode|baddbmm")
+_UNCOUNTED_COSTLY = re.compile(r"lstm|gru|rnn|bilinear|attention|conv_tbc|baddbmm")
+
+
+def _convolution_mode_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::_convolution_mode``, the op of ``Conv*d(padding="same"/"valid")``, which fvcore
+    does not count: the MACs of an ordinary convolution with the same input, weight and output shapes."""
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+    return int(conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False))
 
 
 def _attention_macs(inputs: list[Any], outputs: list[Any]) -> int:

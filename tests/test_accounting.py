@@ -468,3 +468,21 @@ def test_strip_masks_then_report_is_dense():
     strip_masks(net)
     report = sparsity_report(net, torch.randn(1, 1, 28, 28))
     assert report.totals.flops_ratio == 1.0 and not any(r.masked for r in report.rows)
+
+
+@pytest.mark.parametrize("cls, shape", [(nn.Conv1d, (1, 3, 6)), (nn.Conv2d, (1, 3, 6, 6))])
+def test_string_padding_convolutions_are_counted_like_numeric_padding(cls, shape):
+    # padding="same" runs aten::_convolution_mode, which fvcore has no formula for: it counted 0 MACs
+    import warnings
+
+    def flops(padding):
+        net = nn.Sequential(cls(3, 4, 3, padding=padding), nn.ReLU(), cls(4, 2, 1))
+        inject_masks(net, granularity="channel")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and without a warning about uncounted layers
+            report = sparsity_report(net, torch.randn(shape))
+        return {row.name: row.dense_flops for row in report.rows}, report.totals.dense_flops
+
+    assert flops("same") == flops(1)
+    (valid, _), (numeric, _) = flops("valid"), flops(0)
+    assert valid == numeric and valid["0"] > 0
