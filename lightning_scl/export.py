@@ -797,6 +797,12 @@ class _Shrinker:
             warnings.simplefilter("ignore")
             self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
         self.terminal = self._modules_producing_outputs()
+        # A weight held by several modules (tied): Torch-Pruning would rewrite it for one of them and untie it.
+        holders: dict[int, int] = {}
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                holders[id(param)] = holders.get(id(param), 0) + 1
+        self.tied = {pid for pid, count in holders.items() if count > 1}
 
     def _modules_producing_outputs(self) -> set[nn.Module]:
         """Modules whose output tensor the model returns as is: their channels are the model's output shape."""
@@ -827,6 +833,8 @@ class _Shrinker:
         for item in group:
             dep, idxs, root_idxs = item.dep, list(item.idxs), list(item.root_idxs)
             node, module = dep.target, dep.target.module
+            if isinstance(module, nn.Module) and any(id(p) in self.tied for p in module.parameters(recurse=False)):
+                return None  # tied weights stay whole and tied
             if node.type in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR):
                 if _is_conv(module) and module.groups != 1:
                     return None
@@ -1128,17 +1136,34 @@ def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -
     work = plain_copy(model) if has_parametrizations(model) else _detached_deepcopy(model)
     work.eval()
     params_before = _count_params(work)
+    unmodelled = (
+        "The model probably uses an operation Torch-Pruning's graph does not model correctly (a fixed channel "
+        "permutation or shuffle, say); export with format='safetensors' instead and please report this model."
+    )
     shrinker = _Shrinker(work, inputs)
-    shrinker.run()
+    try:
+        shrinker.run()
+    except (RuntimeError, IndexError, ValueError) as err:  # a probe forward of a wrongly pruned model
+        raise RuntimeError(f"shrink_model failed ({type(err).__name__}: {err}). {unmodelled}") from err
     record = shrinker.record()
     work.eval()
     record["params_before"] = params_before
     record["params_after"] = _count_params(work)
     record["kept_for_exactness"] = shrinker.kept_for_exactness
+    if record["params_after"] > params_before:
+        raise RuntimeError(
+            f"shrink_model: the shrunk model has more parameters than the masked one ({record['params_after']:,} > "
+            f"{params_before:,}). {unmodelled}"
+        )
     if check:
         with _inference(model) as module:
             reference = _flat_tensors(_call(module, shrinker.probe))
-            result = _flat_tensors(_call(work, shrinker.probe))
+            try:
+                result = _flat_tensors(_call(work, shrinker.probe))
+            except (RuntimeError, IndexError, ValueError) as err:
+                raise RuntimeError(
+                    f"shrink_model: the shrunk model does not run ({type(err).__name__}: {err}). {unmodelled}"
+                ) from err
         for ref, out in zip(reference, result):
             scale = float(ref.abs().max()) if ref.numel() else 1.0
             atol = 1e-5 * max(1.0, scale if math.isfinite(scale) else 1.0)
@@ -1146,8 +1171,7 @@ def _shrink(model: nn.Module, example_input: ExampleInput | None, check: bool) -
                 diff = "shape " + str(tuple(out.shape)) if ref.shape != out.shape else f"{(out - ref).abs().max():.3g}"
                 raise RuntimeError(
                     f"shrink_model: the shrunk model's output differs from the masked model's (max abs diff {diff}). "
-                    "The model probably uses an operation Torch-Pruning's graph does not model correctly; export "
-                    "with format='safetensors' instead and please report this model."
+                    + unmodelled
                 )
     return work, record
 

@@ -188,7 +188,10 @@ class ConnectivityMask(nn.Module):
 
     Args:
         weight_shape: shape of the weight it masks.
-        granularity: ``"weight"`` (one variable per connection) or ``"channel"`` (one per output unit/channel).
+        granularity: ``"weight"`` (one variable per connection) or ``"channel"`` (one per output unit/channel;
+            for a transposed convolution with ``groups > 1``, whose weight holds ``out_channels / groups`` output
+            channels per group, one per such channel, shared by the groups: switching it off removes that channel
+            of every group).
         feature_dim: the weight dimension that indexes output units (0 for Linear/Conv, 1 for ConvTranspose).
         init: initial mask value ``m0 > 0``: every connection starts switched on.
         ste: straight-through estimator, one of :data:`STES`.
@@ -444,6 +447,30 @@ def has_masks(module: nn.Module) -> bool:
     return next(iter_masks(module), None) is not None
 
 
+def _refuse_channel_masks_across_kinds(
+    module: nn.Module, layers: list[tuple[str, nn.Module]], granularity: str
+) -> None:
+    """A weight tied between layers whose output units lie along different dims (a convolution and a transposed
+    convolution of it) cannot have one channel mask serve both: refuse before anything is registered. A weight mask
+    has the weight's own shape, which suits both."""
+    if granularity != "channel":
+        return
+    seen: dict[int, tuple[str, int]] = {}
+    for name, layer, mask in iter_masks(module, unique=False):
+        seen.setdefault(id(layer.parametrizations.weight.original), (name, mask.feature_dim))
+    for name, layer in layers:
+        weight = getattr(layer, "weight", None)
+        if _connectivity_mask_of(layer) is not None or not isinstance(weight, nn.Parameter):
+            continue
+        other = seen.setdefault(id(weight), (name, _feature_dim(layer)))
+        if other[1] != _feature_dim(layer):
+            raise ValueError(
+                f"Layers {other[0]!r} and {name!r} share (tie) one weight, but their output channels lie along "
+                "different dims of it (a convolution and a transposed convolution): one channel mask cannot serve "
+                f"both. Use granularity='weight', or exclude both layers (exclude=[{other[0]!r}, {name!r}])."
+            )
+
+
 def _refuse_partly_tied(module: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
     """A weight tied to a module outside ``layers`` would be masked in one place and used whole in the other, and
     an export could keep only one of the two (the last key loaded wins): refuse before anything is registered."""
@@ -504,6 +531,7 @@ def inject_masks(
 
         layers = select_layers(module)
     _refuse_partly_tied(module, layers)
+    _refuse_channel_masks_across_kinds(module, layers, granularity)
     by_weight: dict[int, ConnectivityMask] = {}
     for _, layer, mask in iter_masks(module):
         by_weight[id(layer.parametrizations.weight.original)] = mask
@@ -524,9 +552,7 @@ def inject_masks(
             )
         shared = by_weight.get(id(weight))
         if shared is not None:
-            if shared.feature_dim != _feature_dim(layer):
-                raise ValueError(f"Layer {name!r} ties its weight to a layer of another kind; exclude one of them.")
-            mask_module = shared
+            mask_module = shared  # tied weights share one mask (of the same kind: checked above)
         else:
             mask_module = ConnectivityMask(
                 weight.shape,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -261,3 +262,52 @@ def test_channel_granularity_training_shrinks_flops(tmp_path: Path) -> None:
     assert_same_function(small, module, probe)
     dense_flops, shrunk_flops = flops(SmallConvNet(), probe[:1]), flops(small, probe[:1])
     assert shrunk_flops < 0.8 * dense_flops, (shrunk_flops, dense_flops)
+
+
+class _TiedPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.out(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+def test_tied_weights_stay_tied_and_the_shrunk_model_never_grows():
+    # Torch-Pruning rewrote the tied weight for one of its layers: untied, 92 -> 105 parameters
+    torch.manual_seed(0)
+    net = _TiedPair()
+    masks = inject_masks(net)
+    with torch.no_grad():
+        masks["a"].mask[:, 0] = -1.0  # one input column of the shared weight off
+    x = torch.randn(5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small, record = shrink_model(net, x[:1])
+    assert small.a.weight is small.b.weight
+    assert record["params_after"] <= record["params_before"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net.eval()(x))
+
+
+class _ChannelShuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        b, c, height, width = h.shape
+        return self.c2(h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width))
+
+
+def test_an_operation_torch_pruning_mismodels_gives_the_clear_error():
+    torch.manual_seed(0)
+    net = _ChannelShuffle()
+    masks = inject_masks(net)
+    with torch.no_grad():
+        masks["c1"].mask[[1, 4]] = -1.0  # two filters off: the shuffle's reshape no longer fits
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="format='safetensors'"):
+        warnings.simplefilter("ignore")
+        shrink_model(net, torch.randn(1, 3, 4, 4))

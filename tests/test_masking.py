@@ -397,3 +397,30 @@ def test_a_frozen_mask_gives_the_same_weight_and_gradient_without_a_python_node(
     assert type(frozen.grad_fn).__name__ == "AddcmulBackward0"  # built-in autograd, no Python backward
     assert torch.equal(frozen, trained) and torch.equal(frozen_grad, trainable_grad)
     assert str(frozen[0, 1].item()) == "0.0"  # a switched-off negative weight is +0.0, as ``where`` gives
+
+
+class _TiedAutoencoder(nn.Module):
+    """A decoder ConvTranspose2d tied to the encoder Conv2d's weight: output channels along dim 0 vs dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Conv2d(3, 8, 3), nn.ConvTranspose2d(8, 3, 3)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_weight_tied_to_a_transposed_convolution():
+    # channel masks cannot serve both kinds: refused before anything is registered (it left 'enc' masked and
+    # untied, and a retry then masked one use of the weight only)
+    net = _TiedAutoencoder()
+    with pytest.raises(ValueError, match=r"'enc' and 'dec' share \(tie\) one weight.*granularity='weight'"):
+        inject_masks(net, granularity="channel")
+    assert not has_masks(net) and net.enc.weight is net.dec.weight
+    # a weight mask has the weight's own shape: one mask serves both
+    masks = inject_masks(net, granularity="weight")
+    assert masks["enc"] is masks["dec"]
+    with torch.no_grad():
+        masks["enc"].mask[0] = -1.0
+    assert torch.equal(net.enc.weight, net.dec.weight) and float(net.enc.weight[0].abs().sum()) == 0.0
