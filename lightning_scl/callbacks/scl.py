@@ -163,9 +163,14 @@ class _MaskRecord:
         masks = list(iter_masks(self.module))
         if "scl" in section or not masks:
             return
-        kept = sum(mask.kept() for _, _, mask in masks)
+        try:
+            kept = sum(mask.kept() for _, _, mask in masks)
+        except RuntimeError as err:  # a wrapped or sharded mask: the record is worth less than the checkpoint
+            rank_zero_warn(f"SparseConnectivityLearning: the checkpoint's density record was left out ({err}).")
+            kept = None
         total = sum(mask.numel_connections for _, _, mask in masks)
-        section["scl"] = {"layers": [name for name, _, _ in masks], **self.settings, "density": kept / max(total, 1)}
+        density = None if kept is None else kept / max(total, 1)
+        section["scl"] = {"layers": [name for name, _, _ in masks], **self.settings, "density": density}
 
 
 class SparseConnectivityLearning(Callback):
