@@ -476,7 +476,7 @@ def report_command(argv: Sequence[str]) -> int:
     )
     path = Path(args.checkpoint)
     checkpoint = _load_checkpoint(path)
-    model_class = _model_class(args.model_class)
+    model_class = _model_class(args.model_class, user_given=args.model_class != DEFAULT_MODEL_CLASS)
     example = _example_input(args.input_shape)
     try:  # with or without masks: a dense baseline's checkpoint reports too
         report = sparsity_report(checkpoint, example_input=example, model_class=model_class)
