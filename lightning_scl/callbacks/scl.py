@@ -1197,10 +1197,13 @@ class SparseConnectivityLearning(Callback):
         winding up during the delay and overshooting once the cascade starts.
         """
         log_density = math.log(max(density, 1e-12))
-        if self._prev_log_density is not None:
-            self._trend = 0.98 * self._trend + 0.02 * (log_density - self._prev_log_density)
-        self._prev_log_density = log_density
         horizon = max(1.0, 0.05 * total_steps)
+        if self._prev_log_density is not None:
+            # The trend averages over 50 steps, or over a third of the horizon when that is shorter (runs under 3,000
+            # steps): a trend slower than the horizon sees a cascade only after it has happened, and lam then swings.
+            smoothing = max(0.02, min(1.0, 3.0 / horizon))
+            self._trend = (1.0 - smoothing) * self._trend + smoothing * (log_density - self._prev_log_density)
+        self._prev_log_density = log_density
         goal = self.scheduled_density(min(1.0, progress + horizon / total_steps))
         error = log_density + horizon * self._trend - math.log(goal)
         # The gain is per run, not per step: lam may move by exp(controller_gain * error) over the whole training.
