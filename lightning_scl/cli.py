@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,8 +251,12 @@ def _require(module: str, names: Sequence[str], command: str) -> list[Any]:
         ) from err
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict, with errors a user can act on; LightningCLI's private hparams dropped."""
+def _load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict, with errors a user can act on; LightningCLI's private hparams dropped.
+
+    ``mmap``: map the tensors from the file instead of reading them (zip-format files; others are read), for a look
+    at the entries that costs no memory.
+    """
     if not path.exists():
         raise CommandError(
             f"checkpoint {str(path)!r} does not exist: give the .ckpt file the run wrote (ModelCheckpoint's dirpath, "
@@ -260,7 +265,7 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_dir():
         raise CommandError(f"{str(path)!r} is a directory: give the .ckpt file inside it")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # unpickling errors come in many types
         raise CommandError(
             f"{str(path)!r} is not a readable checkpoint (torch.load(weights_only=True) failed: "
@@ -855,8 +860,9 @@ def _check_ckpt_path(args: Sequence[str]) -> None:
             continue  # Lightning's own names and remote paths
         if Path(value).is_dir():
             continue  # a sharded (FSDP, DeepSpeed) checkpoint is a folder: Lightning's to load
-        # its errors name a missing file, the checkpoints nearby, an export given instead, an unreadable file
-        checkpoint = _load_checkpoint(Path(value))
+        # its errors name a missing file, the checkpoints nearby, an export given instead, an unreadable file;
+        # mapped, not read: Lightning reads the file next, and a second copy would double the peak memory
+        checkpoint = _load_checkpoint(Path(value), mmap=True)
         if "pytorch-lightning_version" not in checkpoint:
             raise CommandError(f"--ckpt_path {value!r} is not a Lightning checkpoint: give the .ckpt the run wrote")
 

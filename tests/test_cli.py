@@ -367,6 +367,30 @@ def test_a_smoke_run_is_refused_too_and_a_sharded_checkpoint_folder_is_not(
     _check_ckpt_path(["--ckpt_path", str(tmp_path)])  # FSDP/DeepSpeed checkpoints are folders: Lightning's to load
 
 
+def test_the_ckpt_path_check_maps_the_file_and_reads_the_legacy_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_scl.cli import _check_ckpt_path
+
+    checkpoint = {"state_dict": {"w": torch.ones(4)}, "pytorch-lightning_version": "2.6.6"}
+    zipped, legacy = tmp_path / "zipped.ckpt", tmp_path / "legacy.ckpt"
+    torch.save(checkpoint, zipped)
+    torch.save(checkpoint, legacy, _use_new_zipfile_serialization=False)
+    calls: list[dict] = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    # Lightning loads the checkpoint right after: the check maps it, so its tensors are not in memory twice
+    _check_ckpt_path(["--ckpt_path", str(zipped)])
+    assert calls[-1]["mmap"] is True
+    _check_ckpt_path(["--ckpt_path", str(legacy)])  # torch cannot map the legacy format: read, and accepted
+    assert calls[-1]["mmap"] is False
+
+
 def test_model_class_import_appends_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_scl.cli import _import_object
 
