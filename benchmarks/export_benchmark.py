@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,11 +242,17 @@ TRAIN_SETUPS: dict[str, dict[str, Any]] = {
 
 
 def trained_channel_masks(
-    name: str, target_density: float, data_dir: str, smoke: bool = False, seed: int = 0
+    name: str,
+    target_density: float,
+    data_dir: str,
+    smoke: bool = False,
+    seed: int = 0,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[nn.Module, float]:
     """Train channel SCL (connection-count regularizer) toward ``target_density`` of the connections.
 
-    Returns the model and its test accuracy.
+    ``callbacks`` join the SCL callback in the Trainer (e.g. to record the density). Returns the model and its test
+    accuracy.
     """
     import lightning.pytorch as L
 
@@ -267,7 +273,7 @@ def trained_channel_masks(
         accelerator="cpu",
         max_epochs=1 if smoke else setup["epochs"],
         max_steps=3 if smoke else -1,
-        callbacks=[scl],
+        callbacks=[scl, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

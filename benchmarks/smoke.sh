@@ -8,7 +8,7 @@ data_dir="${LIGHTNING_SCL_DATA:-$scratch/data}"
 for script in benchmarks/*.py; do
     case "$script" in
         benchmarks/summarize.py) args=(--smoke) ;;
-        benchmarks/mnist_pruning.py | benchmarks/export_benchmark.py) args=(--smoke --data-dir "$data_dir") ;;
+        benchmarks/mnist_pruning.py | benchmarks/export_benchmark.py | benchmarks/short_runs.py) args=(--smoke --data-dir "$data_dir") ;;
         *) args=(--smoke) ;;
     esac
     echo "-- $script ${args[*]}"

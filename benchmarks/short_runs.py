@@ -1,0 +1,199 @@
+"""The density controller in a short run: channel masks on a ResNet-20 in 313 optimizer steps.
+
+The setting is the export latency benchmark's (``export_benchmark.trained_channel_masks``): channel SCL with
+``target_density``, connection-count regularizer, the classifier excluded, SGD 0.05 with cosine decay, batch 128,
+2 epochs on 20,000 MNIST images padded to 32x32 and repeated to 3 channels, default ramp and freeze (0.7). Every
+optimizer step records the density, the scheduled density and ``lam``; the table gives, per target density and seed,
+the test accuracy, how far the density fell below the schedule (lowest density / scheduled density) and the
+density range between the end of the ramp and the freeze. The plot shows the density of every seed against the
+schedule.
+
+Run it once per library version with ``--label`` (rows with the same label and density are replaced); the table and
+plot show every label in the JSON file, so a version before a change can be compared with the one after it (run the
+earlier library with ``PYTHONPATH=<its checkout>``; the JSON records which ``lightning_scl`` each row imported).
+
+Usage::
+
+    python benchmarks/short_runs.py --label after              # 3 seeds at 10% (about 7 minutes, 2 threads)
+    python benchmarks/short_runs.py --label after --densities 0.1 0.3 --seeds 0 1 2 3 4
+    python benchmarks/short_runs.py --smoke                     # CI: 3 steps, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import matplotlib
+import torch
+from export_benchmark import trained_channel_masks
+
+import lightning_scl
+from lightning_scl.callbacks.scl import SparseConnectivityLearning
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "ResNet-20"
+
+
+class DensityTrace(L.Callback):
+    """Records (step, density, scheduled density, lam) after every optimizer step until the masks freeze."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float, float, float]] = []
+        self.ramp_end_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        scl = next(c for c in trainer.callbacks if isinstance(c, SparseConnectivityLearning))
+        if scl.frozen:
+            return
+        progress = scl._progress(trainer)
+        scheduled = scl.scheduled_density(progress)
+        if self.ramp_end_step is None and progress >= scl.ramp_end:
+            self.ramp_end_step = trainer.global_step
+        self.rows.append((trainer.global_step, scl.density, scheduled, scl.lam))
+
+
+def _library_version() -> str:
+    """The commit of the ``lightning_scl`` this process imported (``+changes`` when its tree differs)."""
+    folder = Path(lightning_scl.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--", "."], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "lightning_scl " + lightning_scl.__version__
+    return f"library at {commit}" + (" +changes" if dirty.stdout.strip() else "")
+
+
+def run_one(density: float, seed: int, data_dir: str, smoke: bool) -> dict[str, Any]:
+    trace = DensityTrace()
+    start = time.perf_counter()
+    _, accuracy = trained_channel_masks(MODEL, density, data_dir, smoke=smoke, seed=seed, callbacks=[trace])
+    ratios = [d / s for _, d, s, _ in trace.rows]
+    after_ramp = [d for step, d, _, _ in trace.rows if trace.ramp_end_step is not None and step >= trace.ramp_end_step]
+    return {
+        "target_density": density,
+        "seed": seed,
+        "test_acc": accuracy,
+        "lowest_density_over_schedule": min(ratios) if ratios else math.nan,
+        "density_range_after_ramp": [min(after_ramp), max(after_ramp)] if after_ramp else None,
+        "steps_until_freeze": len(trace.rows),
+        "trace": trace.rows,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def write_table(results: dict[str, Any], out_md: Path) -> None:
+    lines = [
+        f"# The density controller in a {MODEL} channel run of 313 steps",
+        "",
+        "Channel SCL toward `target_density` (connection-count regularizer, classifier excluded), SGD 0.05 cosine, "
+        "batch 128, 2 epochs on 20,000 MNIST images padded to 32x32 (the export latency benchmark's setting). "
+        "Lowest ratio: the lowest density / scheduled density before the freeze (1 = never below the schedule). "
+        f"Machine: {results['machine']}.",
+        "",
+        "| library | target density | test acc % (mean +- std) | test acc % per seed | lowest density / schedule "
+        "per seed | density after the ramp, min-max per seed |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for label, runs in results["labels"].items():
+        for density in sorted({r["target_density"] for r in runs["rows"]}):
+            rows = sorted((r for r in runs["rows"] if r["target_density"] == density), key=lambda r: r["seed"])
+            accs = [100 * r["test_acc"] for r in rows]
+            lowest = ", ".join(f"{r['lowest_density_over_schedule']:.2f}" for r in rows)
+            ranges = ", ".join(
+                f"{100 * r['density_range_after_ramp'][0]:.1f}-{100 * r['density_range_after_ramp'][1]:.1f}%"
+                if r["density_range_after_ramp"]
+                else "-"
+                for r in rows
+            )
+            seeds = ", ".join(str(r["seed"]) for r in rows)
+            lines.append(
+                f"| {label} ({runs['library']}; seeds {seeds}) | {100 * density:g}% | {_mean_std(accs)} | "
+                f"{', '.join(f'{a:.2f}' for a in accs)} | {lowest} | {ranges} |"
+            )
+    out_md.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict[str, Any], out_png: Path) -> None:
+    labels = list(results["labels"])
+    densities = sorted({r["target_density"] for runs in results["labels"].values() for r in runs["rows"]})
+    fig, axes = plt.subplots(
+        len(densities), len(labels), figsize=(5 * len(labels), 3.2 * len(densities)), squeeze=False
+    )
+    for i, density in enumerate(densities):
+        for j, label in enumerate(labels):
+            ax = axes[i][j]
+            rows = [r for r in results["labels"][label]["rows"] if r["target_density"] == density]
+            for r in sorted(rows, key=lambda r: r["seed"]):
+                steps = [t[0] for t in r["trace"]]
+                ax.plot(steps, [t[1] for t in r["trace"]], lw=1, label=f"seed {r['seed']}")
+            if rows:
+                ax.plot(
+                    [t[0] for t in rows[0]["trace"]], [t[2] for t in rows[0]["trace"]], "k--", lw=1.2, label="schedule"
+                )
+            ax.set_yscale("log")
+            ax.set_title(f"{label}: target {100 * density:g}%")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("density")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="current", help="name of this library version in the table")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", type=Path, default=RESULTS / "short_runs.json")
+    parser.add_argument("--smoke", action="store_true", help="CI: 3 steps on 256 images, writes nothing")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(tempfile.mkdtemp()) / "short_runs.json" if args.smoke else args.out
+    seeds = args.seeds[:1] if args.smoke else args.seeds
+    results = json.loads(out.read_text()) if out.exists() else {"labels": {}}
+    results["machine"] = f"{torch.__version__}, {args.threads} threads"
+    runs = results["labels"].setdefault(args.label, {"rows": []})
+    runs["library"] = _library_version()
+    for density in args.densities:
+        for seed in seeds:
+            row = run_one(density, seed, args.data_dir, args.smoke)
+            runs["rows"] = [r for r in runs["rows"] if (r["target_density"], r["seed"]) != (density, seed)] + [row]
+            print(
+                f"{args.label} density {density:g} seed {seed}: test acc {100 * row['test_acc']:.2f}%, lowest "
+                f"density/schedule {row['lowest_density_over_schedule']:.2f}, {row['seconds']:.0f} s",
+                flush=True,
+            )
+            out.write_text(json.dumps(results))
+    write_table(results, out.with_suffix(".md"))
+    plot(results, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
