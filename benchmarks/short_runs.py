@@ -8,9 +8,10 @@ and ``lam``; the table gives, per model, target density and seed, the test accur
 the schedule (lowest density / scheduled density) and the density range between the end of the ramp and the freeze.
 The plot shows the density of every seed against the schedule.
 
-Run it once per library version with ``--label`` (rows with the same label and density are replaced); the table and
-plot show every label in the JSON file, so a version before a change can be compared with the one after it (run the
-earlier library with ``PYTHONPATH=<its checkout>``; every row records which ``lightning_scl`` it imported).
+Run it once per library version with ``--label`` (a rerun replaces the rows of the same label, model, density and
+seed); the table and plot show every label in the JSON file, so a version before a change can be compared with the
+one after it (run the earlier library with ``PYTHONPATH=<its checkout>``; every row records which ``lightning_scl``
+it imported).
 
 Usage::
 
