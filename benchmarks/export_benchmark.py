@@ -243,7 +243,7 @@ TRAIN_SETUPS: dict[str, dict[str, Any]] = {
 
 def trained_channel_masks(
     name: str,
-    target_density: float,
+    target_density: float | None,
     data_dir: str,
     smoke: bool = False,
     seed: int = 0,
@@ -251,8 +251,8 @@ def trained_channel_masks(
 ) -> tuple[nn.Module, float]:
     """Train channel SCL (connection-count regularizer) toward ``target_density`` of the connections.
 
-    ``callbacks`` join the SCL callback in the Trainer (e.g. to record the density). Returns the model and its test
-    accuracy.
+    ``target_density=None`` trains the dense network the same way (the baseline). ``callbacks`` join the SCL
+    callback in the Trainer (e.g. to record the density). Returns the model and its test accuracy.
     """
     import lightning.pytorch as L
 
@@ -260,20 +260,26 @@ def trained_channel_masks(
     L.seed_everything(seed, workers=True)
     data = setup["data"](data_dir=data_dir, batch_size=128, seed=seed, train_subset=256 if smoke else setup["subset"])
     module = ImageClassifier(setup["model"], lr=0.05, weight_decay=5e-4, input_shape=LATENCY_MODELS[name][1])
-    scl = SparseConnectivityLearning(
-        target_density=target_density,
-        granularity="channel",
-        # Not "flops": weighting by MACs puts 20-40x more pressure on LeNet-5's convolution channels than on its
-        # fully connected units, and a first run here lost every channel of both conv layers.
-        regularizer="connections",
-        exclude=setup["exclude"],
-        report=False,
+    scl = (
+        []
+        if target_density is None
+        else [
+            SparseConnectivityLearning(
+                target_density=target_density,
+                granularity="channel",
+                # Not "flops": weighting by MACs puts 20-40x more pressure on LeNet-5's convolution channels than on
+                # its fully connected units, and a first run here lost every channel of both conv layers.
+                regularizer="connections",
+                exclude=setup["exclude"],
+                report=False,
+            )
+        ]
     )
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1 if smoke else setup["epochs"],
         max_steps=3 if smoke else -1,
-        callbacks=[scl, *callbacks],
+        callbacks=[*scl, *callbacks],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -18,6 +18,7 @@ Usage::
     python benchmarks/short_runs.py --label after              # 3 seeds at 10% (about 7 minutes, 2 threads)
     python benchmarks/short_runs.py --label after --densities 0.1 0.3 --seeds 0 1 2 3 4
     python benchmarks/short_runs.py --label after --model LeNet-5-Caffe
+    python benchmarks/short_runs.py --label dense --dense          # the dense network, same training
     python benchmarks/short_runs.py --no-train                  # rewrite the table and plot from the JSON
     python benchmarks/short_runs.py --smoke                     # CI: 3 steps, writes nothing
 """
@@ -60,8 +61,8 @@ class DensityTrace(L.Callback):
         self.ramp_end_step: int | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        scl = next(c for c in trainer.callbacks if isinstance(c, SparseConnectivityLearning))
-        if scl.frozen:
+        scl = next((c for c in trainer.callbacks if isinstance(c, SparseConnectivityLearning)), None)
+        if scl is None or scl.frozen:  # the dense baseline has nothing to record
             return
         progress = scl._progress(trainer)
         scheduled = scl.scheduled_density(progress)
@@ -85,7 +86,8 @@ def _library_version() -> str:
     return f"library at {commit}" + (" +changes" if dirty.stdout.strip() else "")
 
 
-def run_one(model: str, density: float, seed: int, data_dir: str, smoke: bool) -> dict[str, Any]:
+def run_one(model: str, density: float | None, seed: int, data_dir: str, smoke: bool) -> dict[str, Any]:
+    """One training run (``density=None``: the dense network, same training) and what its trace shows."""
     trace = DensityTrace()
     start = time.perf_counter()
     _, accuracy = trained_channel_masks(model, density, data_dir, smoke=smoke, seed=seed, callbacks=[trace])
@@ -108,15 +110,15 @@ def _model(row: dict[str, Any]) -> str:
     return row.get("model", "ResNet-20")  # the first rows were all ResNet-20
 
 
-def _groups(results: dict[str, Any]) -> list[tuple[tuple[str, float], str, list[dict[str, Any]]]]:
+def _groups(results: dict[str, Any]) -> list[tuple[tuple[str, float | None], str, list[dict[str, Any]]]]:
     """((model, density), label, its rows by seed) for every setting a label has rows for."""
     groups = []
     for label, runs in results["labels"].items():
-        for key in sorted({(_model(r), r["target_density"]) for r in runs["rows"]}):
+        for key in {(_model(r), r["target_density"]) for r in runs["rows"]}:
             rows = [r for r in runs["rows"] if (_model(r), r["target_density"]) == key]
             groups.append((key, label, sorted(rows, key=lambda r: r["seed"])))
     labels = list(results["labels"])
-    return sorted(groups, key=lambda g: (g[0], labels.index(g[1])))
+    return sorted(groups, key=lambda g: (g[0][0], g[0][1] or 1.0, labels.index(g[1])))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -142,7 +144,10 @@ def write_table(results: dict[str, Any], out_md: Path) -> None:
     ]
     for (model, density), label, rows in _groups(results):
         accs = [100 * r["test_acc"] for r in rows]
-        lowest = ", ".join(f"{r['lowest_density_over_schedule']:.2f}" for r in rows)
+        lowest = ", ".join(
+            "-" if math.isnan(r["lowest_density_over_schedule"]) else f"{r['lowest_density_over_schedule']:.2f}"
+            for r in rows
+        )
         ranges = ", ".join(
             f"{100 * r['density_range_after_ramp'][0]:.1f}-{100 * r['density_range_after_ramp'][1]:.1f}%"
             if r["density_range_after_ramp"]
@@ -151,18 +156,23 @@ def write_table(results: dict[str, Any], out_md: Path) -> None:
         )
         seeds = ", ".join(str(r["seed"]) for r in rows)
         libraries = ", ".join(sorted({r["library"] for r in rows}))
+        target = "dense" if density is None else f"{100 * density:g}%"
         lines.append(
-            f"| {model} | {label} ({libraries}; seeds {seeds}) | {100 * density:g}% | {_mean_std(accs)} | "
+            f"| {model} | {label} ({libraries}; seeds {seeds}) | {target} | {_mean_std(accs)} | "
             f"{', '.join(f'{a:.2f}' for a in accs)} | {lowest} | {ranges} |"
         )
     out_md.write_text("\n".join(lines) + "\n")
 
 
 def plot(results: dict[str, Any], out_png: Path) -> None:
-    labels = [label for label, runs in results["labels"].items() if runs["rows"]]
-    settings = sorted({key for key, *_ in _groups(results)})
+    labels = list(dict.fromkeys(label for (_, density), label, _ in _groups(results) if density is not None))
+    settings = sorted({key for key, *_ in _groups(results) if key[1] is not None})
+    if not settings:
+        return  # dense baselines only
     fig, axes = plt.subplots(len(settings), len(labels), figsize=(5 * len(labels), 3.2 * len(settings)), squeeze=False)
     for (model, density), label, rows in _groups(results):
+        if density is None:
+            continue  # the dense baseline has no density to plot
         ax = axes[settings.index((model, density))][labels.index(label)]
         for r in rows:
             steps = [t[0] for t in r["trace"]]
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="current", help="name of this library version in the table")
     parser.add_argument("--model", choices=sorted(SETTINGS), default="ResNet-20")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--dense", action="store_true", help="train the dense network instead (the baseline)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default="data")
@@ -199,15 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"] = f"{torch.__version__}, {args.threads} threads"
     runs = {"rows": []} if args.no_train else results["labels"].setdefault(args.label, {"rows": []})
     library = _library_version()
-    for density in [] if args.no_train else args.densities:
+    for density in [] if args.no_train else [None] if args.dense else args.densities:
         for seed in seeds:
             row = {**run_one(args.model, density, seed, args.data_dir, args.smoke), "library": library}
             key = (args.model, density, seed)
             runs["rows"] = [r for r in runs["rows"] if (_model(r), r["target_density"], r["seed"]) != key] + [row]
             print(
-                f"{args.label} {args.model} density {density:g} seed {seed}: test acc "
-                f"{100 * row['test_acc']:.2f}%, lowest density/schedule {row['lowest_density_over_schedule']:.2f}, "
-                f"{row['seconds']:.0f} s",
+                f"{args.label} {args.model} {'dense' if density is None else f'density {density:g}'} seed {seed}: "
+                f"test acc {100 * row['test_acc']:.2f}%, lowest density/schedule "
+                f"{row['lowest_density_over_schedule']:.2f}, {row['seconds']:.0f} s",
                 flush=True,
             )
             out.write_text(json.dumps(results))

@@ -24,4 +24,6 @@ python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --activation elu --val-size 0 --teacher "$scratch/teacher_elu.pt" > /dev/null
 echo "-- benchmarks/mnist_pruning.py with EMA weight averaging"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --ema 0.99 > /dev/null
+echo "-- benchmarks/short_runs.py training the dense baseline"
+python benchmarks/short_runs.py --smoke --dense --data-dir "$data_dir" > /dev/null
 echo "benchmark smoke runs OK"
