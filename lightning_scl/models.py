@@ -482,25 +482,30 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.training_loss(logits, batch)
-        self._update_metric(self.train_acc, logits.detach(), y)
-        # epoch means under plain names (on_step and on_epoch together would log "_step"/"_epoch" variants)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._record("train", loss, self.train_acc, logits.detach(), y)
         return loss
 
     @torch.compiler.disable
-    def _update_metric(self, metric: MulticlassAccuracy, logits: torch.Tensor, y: torch.Tensor) -> None:
-        # torchmetrics counts updates in a Python int on the module, which torch.compile guards on: compiled, every
-        # step would recompile the step (until dynamo gives up and falls back to eager)
+    def _record(
+        self, stage: str, loss: torch.Tensor, metric: MulticlassAccuracy, logits: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        # Eager under torch.compile, for two reasons: torchmetrics counts updates in a Python int on the module,
+        # which dynamo guards on (every step would recompile the step until dynamo gives up), and torch 2.13's
+        # dynamo crashes tracing self.log (inspect.getfullargspec on a bound method).
         metric.update(logits, y)
+        # epoch means under plain names (on_step and on_epoch together would log "_step"/"_epoch" variants)
+        if stage == "train":
+            self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log("train/acc", metric, on_step=False, on_epoch=True)
+        else:
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+            self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self._update_metric(metric, logits, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self._record(stage, loss, metric, logits, y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc)
