@@ -38,11 +38,12 @@ class _DeclareMissingTorchvisionOps(importlib.abc.MetaPathFinder):
             return None
         import torch
 
-        compiled = next(Path(spec.origin).parent.glob("_C.*so"), None)
+        # torchvision 0.28 ships _C.so, 0.29 _C_stable.so; a layout not known here is left alone
+        folder = Path(spec.origin).parent
+        compiled = [path for path in folder.glob("*.so") if path.name.split(".")[0] in ("_C", "_C_stable")]
         try:
-            if compiled is None:
-                raise OSError("torchvision has no _C library")
-            torch.ops.load_library(str(compiled))
+            for library in compiled:
+                torch.ops.load_library(str(library))  # torchvision's own load of it is then a no-op
         except OSError:
             _LIBRARY = torch.library.Library("torchvision", "DEF")
             for schema in _SCHEMAS:
