@@ -1,7 +1,7 @@
 """CI only: let a CUDA build of torchvision import beside a CPU-only torch.
 
 PyPI's Linux x86_64 torchvision wheels are CUDA builds: their compiled operators (``_C.so``) need libtorch_cuda, so
-they do not load beside the CPU-only torch wheel that CI installs when the disk is too small for the CUDA stack.
+they do not load beside the CPU-only torch wheel that CI installs (PyPI's CUDA stack, 5.5 GB, filled a CI disk).
 torchvision copes with a missing ``_C.so`` everywhere except one place: its import registers fake kernels for
 ``torchvision::nms`` and ``torchvision::qnms`` unconditionally, which fails with "operator torchvision::nms does not
 exist", and ``import lightning`` fails with it (torchmetrics imports torchvision).
@@ -9,7 +9,8 @@ exist", and ``import lightning`` fails with it (torchmetrics imports torchvision
 ``.ci/run`` installs this module with a ``.pth`` line only after that exact failure. On the first import of
 torchvision it tries to load the compiled operators itself; only where they cannot load does it declare the two
 schemas, so that torchvision's pure-Python datasets, transforms and models (all this project uses) import.
-``torchvision.ops.nms`` then raises "no kernel" if called; nothing in lightning_scl calls it.
+``torchvision.ops.nms`` then raises torchvision's own "Couldn't load custom C++ ops" error if called; nothing in
+lightning_scl calls it.
 """
 
 from __future__ import annotations
