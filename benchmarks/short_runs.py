@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import tempfile
 import time
@@ -39,6 +38,7 @@ import lightning.pytorch as L
 import matplotlib
 import torch
 from export_benchmark import trained_channel_masks
+from summarize import _mean_std
 
 import lightning_scl
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
@@ -119,12 +119,6 @@ def _groups(results: dict[str, Any]) -> list[tuple[tuple[str, float | None], str
             groups.append((key, label, sorted(rows, key=lambda r: r["seed"])))
     labels = list(results["labels"])
     return sorted(groups, key=lambda g: (g[0][0], g[0][1] or 1.0, labels.index(g[1])))
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
 def write_table(results: dict[str, Any], out_md: Path) -> None:
