@@ -24,6 +24,11 @@ then pass ``--teacher T.pt`` (``--distill-alpha``, ``--distill-temperature``).
 Pruning a trained network, as the published methods do (Han et al., DNS and Sparse VD all start from a trained dense
 network): train it with ``--method dense --save-model D.pt``, then pass ``--init-from D.pt``. The run then starts
 from those weights instead of a random initialization; the epochs count only the pruning run.
+
+Retraining with the learning rate rewound (Renda et al. 2020; Han et al. 2015 also retrain after pruning):
+``--retrain-epochs K`` fixes the connections the run kept and trains the sparse network K more epochs with the
+learning-rate schedule restarted (``torch.nn.utils.prune`` holds the pruned weights at zero). ``--epochs`` counts the
+pruning run only; the budget is the sum of the two.
 """
 
 from __future__ import annotations
@@ -42,11 +47,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelPruning
 from torch import nn
+from torch.nn.utils import prune
 
 from lightning_scl.activations import swap_activations
 from lightning_scl.callbacks.elu import ELUSwap
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
 from lightning_scl.data import MNISTDataModule
+from lightning_scl.export import plain_copy
 from lightning_scl.masking import count_connections
 from lightning_scl.models import ImageClassifier
 
@@ -108,6 +115,41 @@ class DistilledClassifier(ImageClassifier):
         student = F.log_softmax(logits / self.temperature, dim=1)
         distill = F.kl_div(student, soft_targets, log_target=True, reduction="batchmean")
         return (1 - self.alpha) * super().training_loss(logits, batch) + self.alpha * self.temperature**2 * distill
+
+
+def quiet_trainer(epochs: int, max_steps: int, callbacks: list[L.Callback], smoke: bool) -> L.Trainer:
+    """A CPU trainer without logger, checkpoints or progress output (the script prints one JSON line per run)."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0 if smoke else None,
+    )
+
+
+def retrain(
+    model: ImageClassifier, data: L.LightningDataModule, epochs: int, smoke: bool = False
+) -> tuple[ImageClassifier, L.Trainer]:
+    """Train the pruned ``model`` ``epochs`` more with its connections fixed and the learning-rate schedule restarted.
+
+    Works on a plain copy (SCL's masks folded into zeros; ModelPruning's are already), so no pruning callback runs and
+    the masks cannot move: ``prune.custom_from_mask`` holds every pruned weight at zero and gives it no gradient.
+    """
+    sparse = plain_copy(model)
+    layers = [m for m in sparse.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and bool((m.weight == 0).any())]
+    for layer in layers:
+        prune.custom_from_mask(layer, "weight", layer.weight != 0)
+    trainer = quiet_trainer(epochs, 6 if smoke else -1, [], smoke)
+    trainer.fit(sparse, data)
+    for layer in layers:
+        prune.remove(layer, "weight")
+    return sparse, trainer
 
 
 def weight_density(model: nn.Module) -> float:
@@ -192,20 +234,11 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         callbacks.append(modelpruning_callback(model, args.density, args.epochs, args.ramp))
     if args.ema is not None:  # after SCL, which keeps the masks out of the average
         callbacks.append(EMAWeightAveraging(decay=args.ema))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        max_steps=args.max_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0 if args.smoke else None,
-    )
+    trainer = quiet_trainer(args.epochs, args.max_steps, callbacks, args.smoke)
     start = time.perf_counter()
     trainer.fit(model, data)
+    if args.retrain_epochs:
+        model, trainer = retrain(model, data, args.retrain_epochs, args.smoke)
     fit_seconds = time.perf_counter() - start
     if args.save_model is not None:
         torch.save(model.state_dict(), args.save_model)
@@ -309,6 +342,12 @@ def main(argv: list[str] | None = None) -> None:
         "--ema", type=float, default=None, help="average the weights with EMAWeightAveraging(decay=EMA) (not MP)"
     )
     parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=0,
+        help="then train the pruned network this many more epochs, connections fixed, learning-rate schedule restarted",
+    )
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", type=Path, default=RESULTS / "mnist_pruning.jsonl")
     parser.add_argument("--tag", default="", help="free-form label stored with the result (e.g. an ablation name)")

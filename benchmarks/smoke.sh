@@ -22,6 +22,8 @@ python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --init-from "$
 echo "-- benchmarks/mnist_pruning.py with ELU, on all training images, distilled from an ELU teacher"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --method dense --activation elu --save-model "$scratch/teacher_elu.pt" > /dev/null
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --activation elu --val-size 0 --teacher "$scratch/teacher_elu.pt" > /dev/null
+echo "-- benchmarks/mnist_pruning.py retraining the pruned network with the learning rate rewound"
+python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --model lenet5 --retrain-epochs 2 > /dev/null
 echo "-- benchmarks/mnist_pruning.py with EMA weight averaging"
 python benchmarks/mnist_pruning.py --smoke --data-dir "$data_dir" --ema 0.99 > /dev/null
 echo "-- benchmarks/short_runs.py training the dense baseline"
