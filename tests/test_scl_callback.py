@@ -600,7 +600,7 @@ def test_works_with_user_lr_scheduler_onecycle():
 
 def test_layer_collapse_warns_and_floor_keeps_layers_alive():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"layer '.*' has no connection left"):
+    with pytest.warns(UserWarning, match=r"layer '.*' has no connection left.*a skip connection bypasses it"):
         fit(MLP(), [SparseConnectivityLearning(lam=50.0, mask_lr=0.5)], max_epochs=2)
     torch.manual_seed(0)
     scl = SparseConnectivityLearning(lam=50.0, mask_lr=0.5, min_density_per_layer=0.05)

@@ -1184,9 +1184,11 @@ class SparseConnectivityLearning(Callback):
             if int(kept) == 0 and f"collapse:{name}" not in self._warned:
                 self._warned.add(f"collapse:{name}")
                 rank_zero_warn(
-                    f"SparseConnectivityLearning: layer {name!r} has no connection left (density 0): the network "
-                    "output no longer depends on its input through it. Lower lam / raise target_density, exclude the "
-                    "layer, or set min_density_per_layer (e.g. 0.01)."
+                    f"SparseConnectivityLearning: layer {name!r} has no connection left (density 0): nothing flows "
+                    "through it any more. If every path from input to output runs through it, the output no longer "
+                    "depends on the input: lower lam / raise target_density, exclude the layer, or set "
+                    "min_density_per_layer (e.g. 0.01). If a skip connection bypasses it (a residual branch), the "
+                    "branch has been pruned away, which can be what you want; min_density_per_layer keeps it."
                 )
 
     def _update_lambda(self, density: float, progress: float, total_steps: float) -> None:
