@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.ema is not None and args.method == "modelpruning":
         parser.error("--ema with --method modelpruning: the average would mix pruned and unpruned weights")
+    if args.retrain_epochs < 0:
+        parser.error(f"--retrain-epochs must be 0 (no retraining) or more, got {args.retrain_epochs}")
     if args.no_freeze:
         args.freeze = None
     if args.smoke:
