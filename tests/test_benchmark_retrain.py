@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -22,7 +21,6 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "mnist_pruning.py"
 def load_script():
     spec = importlib.util.spec_from_file_location("mnist_pruning_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses/pickling look the module up by name
     spec.loader.exec_module(module)
     return module
 
