@@ -38,7 +38,7 @@ import lightning.pytorch as L
 import matplotlib
 import torch
 from export_benchmark import trained_channel_masks
-from summarize import _mean_std
+from summarize import mean_std
 
 import lightning_scl
 from lightning_scl.callbacks.scl import SparseConnectivityLearning
@@ -152,7 +152,7 @@ def write_table(results: dict[str, Any], out_md: Path) -> None:
         libraries = ", ".join(sorted({r["library"] for r in rows}))
         target = "dense" if density is None else f"{100 * density:g}%"
         lines.append(
-            f"| {model} | {label} ({libraries}; seeds {seeds}) | {target} | {_mean_std(accs)} | "
+            f"| {model} | {label} ({libraries}; seeds {seeds}) | {target} | {mean_std(accs)} | "
             f"{', '.join(f'{a:.2f}' for a in accs)} | {lowest} | {ranges} |"
         )
     out_md.write_text("\n".join(lines) + "\n")

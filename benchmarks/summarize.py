@@ -130,7 +130,8 @@ def _recipe_variant(run: dict) -> tuple[bool, str, bool, bool]:
 PLAIN_RECIPE = (False, "relu", False, False)
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean +- stdev`` of ``values`` to ``digits`` decimals (just the value for one seed); shared by the tables."""
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
@@ -202,7 +203,7 @@ def headline(runs: list[dict]) -> str:
             if distilled and not dense:
                 verdict += "; the anchors used no teacher"
             lines.append(
-                f"| {NAMES[model]} | {method} | {_mean_std([100 - a for a in acc])} | {_mean_std(dens)} | "
+                f"| {NAMES[model]} | {method} | {mean_std([100 - a for a in acc])} | {mean_std(dens)} | "
                 f"{', '.join(str(r['seed']) for r in rs)} | {rs[0]['epochs']} | {verdict} |"
             )
     return "\n".join(lines)
@@ -277,7 +278,7 @@ def side_by_side(runs: list[dict], plot_path: Path | None, augmented: bool = Fal
             accs = [100 * r["test_acc"] for r in rs]
             seeds = f", {len(rs)} seeds" if len(rs) > 1 else ""
             density = statistics.mean(100 * r["density"] for r in rs)
-            return f"{_mean_std(accs)} ({density:.2f}{seeds})", statistics.mean(accs)
+            return f"{mean_std(accs)} ({density:.2f}{seeds})", statistics.mean(accs)
 
         mp, mp_acc = cell(methods.get("modelpruning", []))
         scl, scl_acc = cell(methods.get("scl", []))
@@ -351,7 +352,7 @@ def flops_tradeoff(runs: list[dict], plot_path: Path | None) -> str:
         dens = [100 * r["density"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
         lines.append(
-            f"| {name} | {100 * target:g} | {_mean_std(acc)} | {_mean_std(dens)} | {_mean_flops(rs)} | {seeds} | "
+            f"| {name} | {100 * target:g} | {mean_std(acc)} | {mean_std(dens)} | {_mean_flops(rs)} | {seeds} | "
             f"{epochs} |"
         )
         if (flops := _mean_flops_pct(rs)) is not None:
@@ -403,7 +404,7 @@ def exact_density(runs: list[dict]) -> str:
             continue
         acc = {c: statistics.mean(100 * r["test_acc"] for r in rs) for c, rs in picked.items()}
         text = {
-            c: f"{_mean_std([100 * r['test_acc'] for r in rs])} ({statistics.mean(100 * r['density'] for r in rs):.2f})"
+            c: f"{mean_std([100 * r['test_acc'] for r in rs])} ({statistics.mean(100 * r['density'] for r in rs):.2f})"
             for c, rs in picked.items()
         }
         # "+ 0.0" turns a rounded -0.0 into 0.0, so a tie never prints as "-0.00"
@@ -451,8 +452,8 @@ def distillation(runs: list[dict]) -> str:
         mean = {c: statistics.mean(v) for c, v in acc.items()}
         gap = [f"{round(mean[('scl', d)] - mean[('modelpruning', d)], 2) + 0.0:+.2f}" for d in (False, True)]
         lines.append(
-            f"| {NAMES[model]} | {100 * target:.1f} | {', '.join(map(str, seeds))} | {_mean_std(acc[columns[0]])} | "
-            f"{_mean_std(acc[columns[1]])} | {gap[0]} | {_mean_std(acc[columns[2]])} | {_mean_std(acc[columns[3]])} | "
+            f"| {NAMES[model]} | {100 * target:.1f} | {', '.join(map(str, seeds))} | {mean_std(acc[columns[0]])} | "
+            f"{mean_std(acc[columns[1]])} | {gap[0]} | {mean_std(acc[columns[2]])} | {mean_std(acc[columns[3]])} | "
             f"{gap[1]} |"
         )
     if diverged:
@@ -501,7 +502,7 @@ def ablations(runs: list[dict]) -> str:
         acc = [100 * r["test_acc"] for r in rs]
         dens = [100 * r["density"] for r in rs]
         seeds = ", ".join(str(r["seed"]) for r in rs)
-        row = f"| {name} | {setting} | {_mean_std(acc)} | {_mean_std(dens)} | {_mean_flops(rs)} | {seeds} | {epochs} |"
+        row = f"| {name} | {setting} | {mean_std(acc)} | {mean_std(dens)} | {_mean_flops(rs)} | {seeds} | {epochs} |"
         lines.append(row)
     return "\n".join(lines)
 
@@ -526,9 +527,9 @@ def tuning(runs: list[dict]) -> str:
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["val_acc"] for r in kv[1]))
     for (name, model, target, epochs), rs in sorted(ranked, key=lambda kv: (kv[0][1], kv[0][2], kv[0][3])):
         cfg = rs[0]["config"]
-        val = _mean_std([100 * r["val_acc"] for r in rs])
-        test = _mean_std([100 * r["test_acc"] for r in rs])
-        dens = _mean_std([100 * r["density"] for r in rs])
+        val = mean_std([100 * r["val_acc"] for r in rs])
+        test = mean_std([100 * r["test_acc"] for r in rs])
+        dens = mean_std([100 * r["density"] for r in rs])
         seeds = ", ".join(str(r["seed"]) for r in rs)
         dense = rs[0]["method"] == "dense"
         magnitude = rs[0]["method"] == "modelpruning"  # a pruning ramp, but no masks to freeze
@@ -561,9 +562,9 @@ def elu(path: Path, plot_path: Path | None) -> str:
     for variant, cs in curves.items():
         # Earlier epochs as means; the last epoch with the seed spread, which is what the claims are judged on.
         losses = [f"{statistics.mean(c[e]['train_loss'] for c in cs):.4f}" for e in range(epochs - 1)]
-        losses.append(_mean_std([c[epochs - 1]["train_loss"] for c in cs], digits=4))
-        acc = _mean_std([100 * c[epochs - 1]["test_acc"] for c in cs])
-        act = _mean_std([c[epochs - 1]["median_unit_mean_act"] for c in cs], digits=3)
+        losses.append(mean_std([c[epochs - 1]["train_loss"] for c in cs], digits=4))
+        acc = mean_std([100 * c[epochs - 1]["test_acc"] for c in cs])
+        act = mean_std([c[epochs - 1]["median_unit_mean_act"] for c in cs], digits=3)
         lines.append(f"| {variant} | " + " | ".join(losses) + f" | {acc} | {act} |")
     if plot_path is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
